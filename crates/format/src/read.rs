@@ -1,0 +1,750 @@
+//! The reader: opens an archive (or a set of parts) by reading only the trailer and index at
+//! the end of each file, maps the files (memmap2), and verifies, streams and extracts.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::index::{INDEX_FRAME_MAGIC, TRAILER_LEN, Trailer};
+use crate::{Digest, END_LEN, Error, Hasher, Index, Result, tar};
+
+/// Bytes of one part: a read-only file mapping, or bytes in memory (fuzzing, tests).
+enum Data {
+    Map(Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl Data {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Map(m) => m,
+            Data::Bytes(b) => b,
+        }
+    }
+
+    /// Tells the kernel we are done with a range, so that sequential passes over a large
+    /// archive do not keep it all resident.
+    fn release(&self, start: usize, len: usize) {
+        if let Data::Map(m) = self {
+            #[allow(unsafe_code)]
+            // SAFETY: the mapping is a read-only MAP_SHARED file mapping; MADV_DONTNEED only
+            // drops our page-table entries and later reads fault the file's pages back in,
+            // so no slice handed out can change. Errors only mean the advice was not taken.
+            unsafe {
+                let _ = m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
+            }
+        }
+    }
+}
+
+struct PartSlot {
+    path: PathBuf,
+    data: Data,
+}
+
+/// An open archive.
+pub struct Archive {
+    index: Index,
+    id: Digest,
+    index_len: u64,
+    parts: Vec<Option<PartSlot>>,
+}
+
+/// What a verification covered.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Frames whose sha256 was checked.
+    pub frames: u64,
+    /// Compressed bytes hashed.
+    pub compressed_bytes: u64,
+    /// Decompressed bytes checked (deep only).
+    pub content_bytes: u64,
+    /// Blobs whose digest was checked (deep only).
+    pub blobs: u64,
+    /// Parts covered.
+    pub parts: Vec<u32>,
+}
+
+fn read_trailer(path: &Path, bytes: &[u8]) -> Result<(Trailer, std::ops::Range<usize>)> {
+    let not = |reason: String| Error::NotABundle {
+        path: path.to_owned(),
+        reason,
+    };
+    if bytes.len() < 8 + TRAILER_LEN {
+        return Err(not(format!(
+            "{} bytes is shorter than a trailer (truncated?)",
+            bytes.len()
+        )));
+    }
+    let t = Trailer::decode(&bytes[bytes.len() - TRAILER_LEN..]).map_err(not)?;
+    let total = t.index_len.checked_add(8 + TRAILER_LEN as u64);
+    let Some(start) = total.and_then(|n| (bytes.len() as u64).checked_sub(n)) else {
+        return Err(not(format!(
+            "trailer says the index is {} bytes, the file is {}",
+            t.index_len,
+            bytes.len()
+        )));
+    };
+    let start = start as usize;
+    let magic = u32::from_le_bytes([bytes[start], bytes[start + 1], bytes[start + 2], bytes[start + 3]]);
+    let size = u32::from_le_bytes([
+        bytes[start + 4],
+        bytes[start + 5],
+        bytes[start + 6],
+        bytes[start + 7],
+    ]);
+    if magic != INDEX_FRAME_MAGIC || u64::from(size) != t.index_len + TRAILER_LEN as u64 {
+        return Err(not("the index frame header does not match the trailer".into()));
+    }
+    let range = start + 8..start + 8 + t.index_len as usize;
+    let found = Digest::of(&bytes[range.clone()]);
+    if found != t.id {
+        return Err(Error::IndexDigest {
+            path: path.to_owned(),
+            expected: t.id,
+            found,
+        });
+    }
+    Ok((t, range))
+}
+
+fn map(path: &Path) -> Result<Data> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::NotABundle {
+            path: path.to_owned(),
+            reason: "not a regular file".into(),
+        });
+    }
+    if meta.len() == 0 {
+        return Ok(Data::Bytes(Vec::new()));
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: the map is read-only; the archive files are ours to read and are not expected to
+    // change while open. A concurrent writer can only make us read wrong bytes, which the
+    // frame and blob digests then reject; it cannot make safe code unsound beyond that.
+    let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+    Ok(Data::Map(m))
+}
+
+/// Splits `NAME.NNN` into `NAME` when the suffix is all digits.
+fn part_base(path: &Path) -> Option<PathBuf> {
+    let s = path.to_str()?;
+    let (base, suffix) = s.rsplit_once('.')?;
+    (suffix.len() >= 3 && suffix.bytes().all(|b| b.is_ascii_digit())).then(|| PathBuf::from(base))
+}
+
+impl Archive {
+    /// Opens an archive from one file, from any one part of a split archive (its siblings
+    /// `NAME.NNN` are found beside it), from `NAME` when only `NAME.000...` exist, or from an
+    /// explicit list of every part in order. Reads only the end of each file.
+    pub fn open(paths: &[PathBuf]) -> Result<Archive> {
+        let Some(first) = paths.first() else {
+            return Err(Error::Input("no archive given".into()));
+        };
+        let mut given: Vec<PathBuf> = paths.to_vec();
+        if paths.len() == 1 && !first.exists() {
+            let p0 = crate::write::part_paths(first, 1).remove(0);
+            if p0.exists() {
+                given = vec![p0];
+            }
+        }
+        let data = map(&given[0])?;
+        let (t, range) = read_trailer(&given[0], data.bytes())?;
+        let index = Index::from_cbor(&data.bytes()[range], &given[0])?;
+        if index.parts.len() != t.count as usize {
+            return Err(Error::index(
+                "parts",
+                format!("lists {} parts, the trailer says {}", index.parts.len(), t.count),
+            ));
+        }
+        let mut archive = Archive {
+            index,
+            id: t.id,
+            index_len: t.index_len,
+            parts: (0..t.count).map(|_| None).collect(),
+        };
+        let expected_paths: Vec<PathBuf> = if given.len() > 1 {
+            given.clone()
+        } else if t.count == 1 {
+            vec![given[0].clone()]
+        } else {
+            let base = part_base(&given[0]).ok_or_else(|| Error::NotABundle {
+                path: given[0].clone(),
+                reason: format!(
+                    "is part {} of {} but its name does not end in .NNN, so its siblings cannot be found; name every part",
+                    t.part, t.count
+                ),
+            })?;
+            crate::write::part_paths(&base, t.count as usize)
+        };
+        if expected_paths.len() != t.count as usize {
+            if expected_paths.len() > t.count as usize {
+                return Err(Error::Input(format!(
+                    "{} files given, the archive has {} parts",
+                    expected_paths.len(),
+                    t.count
+                )));
+            }
+            return Err(Error::PartMissing {
+                part: expected_paths.len() as u32,
+                count: t.count,
+                expected: PathBuf::from("(not given)"),
+            });
+        }
+        let mut first_data = Some((given[0].clone(), data, t));
+        for (i, p) in expected_paths.iter().enumerate() {
+            let (path, data, tr) = match first_data.take_if(|(fp, _, tr)| fp == p && tr.part as usize == i) {
+                Some(x) => x,
+                None => {
+                    if !p.exists() {
+                        return Err(Error::PartMissing {
+                            part: i as u32,
+                            count: t.count,
+                            expected: p.clone(),
+                        });
+                    }
+                    let d = map(p)?;
+                    let (tr, _) = read_trailer(p, d.bytes())?;
+                    (p.clone(), d, tr)
+                }
+            };
+            archive.attach(i, path, data, tr)?;
+        }
+        Ok(archive)
+    }
+
+    /// Opens one part on its own, to verify it against the index it carries. Frames in other
+    /// parts are reported missing when asked for.
+    pub fn open_part(path: &Path) -> Result<Archive> {
+        let data = map(path)?;
+        let (t, range) = read_trailer(path, data.bytes())?;
+        let index = Index::from_cbor(&data.bytes()[range], path)?;
+        let mut archive = Archive {
+            index,
+            id: t.id,
+            index_len: t.index_len,
+            parts: (0..t.count).map(|_| None).collect(),
+        };
+        archive.attach(t.part as usize, path.to_owned(), data, t)?;
+        Ok(archive)
+    }
+
+    /// Opens an archive held in memory, one buffer per part (for fuzzing and tests).
+    pub fn from_bytes(parts: Vec<Vec<u8>>) -> Result<Archive> {
+        let mut parts = parts.into_iter().enumerate();
+        let Some((_, first)) = parts.next() else {
+            return Err(Error::Input("no archive given".into()));
+        };
+        let path = PathBuf::from("<memory>.000");
+        let (t, range) = read_trailer(&path, &first)?;
+        let index = Index::from_cbor(&first[range], &path)?;
+        if index.parts.len() != t.count as usize {
+            return Err(Error::index("parts", "count differs from the trailer"));
+        }
+        let mut archive = Archive {
+            index,
+            id: t.id,
+            index_len: t.index_len,
+            parts: (0..t.count).map(|_| None).collect(),
+        };
+        archive.attach(0, path, Data::Bytes(first), t)?;
+        for (i, bytes) in parts {
+            let path = PathBuf::from(format!("<memory>.{i:03}"));
+            let (tr, _) = read_trailer(&path, &bytes)?;
+            if i >= archive.parts.len() {
+                return Err(Error::Input(format!("part {i} is beyond the part count")));
+            }
+            archive.attach(i, path, Data::Bytes(bytes), tr)?;
+        }
+        Ok(archive)
+    }
+
+    fn attach(&mut self, slot: usize, path: PathBuf, data: Data, t: Trailer) -> Result<()> {
+        if t.id != self.id {
+            return Err(Error::PartForeign {
+                path,
+                expected: self.id,
+                found: t.id,
+            });
+        }
+        if t.part as usize != slot {
+            return Err(Error::PartOutOfOrder {
+                path,
+                expected: slot as u32,
+                found: t.part,
+            });
+        }
+        let part = &self.index.parts[slot];
+        let expected = part.size + 8 + self.index_len + TRAILER_LEN as u64;
+        let found = data.bytes().len() as u64;
+        if found != expected {
+            return Err(Error::PartSize {
+                path,
+                part: t.part,
+                expected,
+                found,
+            });
+        }
+        self.parts[slot] = Some(PartSlot { path, data });
+        Ok(())
+    }
+
+    /// The index.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The archive id: sha256 of the CBOR index.
+    pub fn id(&self) -> Digest {
+        self.id
+    }
+
+    /// The part files, where present.
+    pub fn part_paths(&self) -> Vec<Option<&Path>> {
+        self.parts
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.path.as_path()))
+            .collect()
+    }
+
+    /// Total bytes of all parts.
+    pub fn size(&self) -> u64 {
+        self.index
+            .parts
+            .iter()
+            .map(|p| p.size + 8 + self.index_len + TRAILER_LEN as u64)
+            .sum()
+    }
+
+    fn member_name(&self, frame: u32) -> String {
+        self.index.member_name(self.index.member_of(frame))
+    }
+
+    fn locate(&self, frame: u32) -> Result<(&PartSlot, usize, usize)> {
+        let f = self
+            .index
+            .frames
+            .get(frame as usize)
+            .ok_or_else(|| Error::index(format!("frames[{frame}]"), "does not exist"))?;
+        let p = self.index.part_of(frame);
+        let Some(slot) = self.parts[p].as_ref() else {
+            let count = self.parts.len() as u32;
+            return Err(Error::PartMissing {
+                part: p as u32,
+                count,
+                expected: PathBuf::from(format!("part {p}")),
+            });
+        };
+        Ok((slot, f.offset() as usize, f.csize() as usize))
+    }
+
+    /// The compressed bytes of a frame, checked against the index's sha256.
+    pub fn frame(&self, frame: u32) -> Result<&[u8]> {
+        let (slot, off, len) = self.locate(frame)?;
+        let bytes = &slot.data.bytes()[off..off + len];
+        let found = Digest::of(bytes);
+        let expected = self.index.frames[frame as usize].sha256();
+        if found.as_bytes() != expected {
+            return Err(Error::FrameDigest {
+                frame,
+                member: self.member_name(frame),
+                path: slot.path.clone(),
+                expected: *expected,
+                found: *found.as_bytes(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Decompresses a checked frame into `out` (cleared first); checks its size.
+    pub fn decompress_frame(&self, frame: u32, out: &mut Vec<u8>) -> Result<()> {
+        let c = self.frame(frame)?;
+        let dsize = self.index.frames[frame as usize].dsize() as usize;
+        out.clear();
+        out.reserve(dsize);
+        let fail = |reason: String| Error::FrameDecode {
+            frame,
+            member: self.member_name(frame),
+            reason,
+        };
+        let n = zstd::bulk::Decompressor::new()
+            .and_then(|mut d| d.decompress_to_buffer(c, out))
+            .map_err(|e| fail(format!("zstd: {e}")))?;
+        if n != dsize {
+            return Err(fail(format!("decompressed to {n} bytes, the index says {dsize}")));
+        }
+        Ok(())
+    }
+
+    fn release_frame(&self, frame: u32) {
+        if let Ok((slot, off, len)) = self.locate(frame) {
+            slot.data.release(off, len);
+        }
+    }
+
+    /// A reader over a blob's content; it checks the tar header, and at the end the digest.
+    pub fn blob(&self, digest: &Digest) -> Result<BlobReader<'_>> {
+        let b = self
+            .index
+            .blob(digest)
+            .ok_or(Error::NoSuchBlob { digest: *digest })?;
+        Ok(BlobReader::new(
+            self,
+            tar::blob_path(digest),
+            b.first_frame,
+            b.frames,
+            b.size,
+            *digest,
+        ))
+    }
+
+    /// Reads one of the non-blob members (`oci-layout`, `index.json`, `bundle.json`) whole.
+    pub fn file(&self, path: &str) -> Result<Vec<u8>> {
+        let f = self
+            .index
+            .files
+            .iter()
+            .find(|f| f.path == path)
+            .ok_or_else(|| Error::index("files", format!("has no {path:?}")))?;
+        let mut r = BlobReader::new(self, f.path.clone(), f.first_frame, f.frames, f.size, f.digest);
+        let mut out = Vec::with_capacity(f.size.min(64 << 20) as usize);
+        r.read_to_end(&mut out).map_err(|e| unwrap_io(e, path))?;
+        Ok(out)
+    }
+
+    /// Reads a whole blob into memory (manifests, configs).
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let mut r = self.blob(digest)?;
+        let mut out = Vec::with_capacity(r.size.min(64 << 20) as usize);
+        r.read_to_end(&mut out)
+            .map_err(|e| unwrap_io(e, &tar::blob_path(digest)))?;
+        Ok(out)
+    }
+
+    fn present_frames(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (p, part) in self.index.parts.iter().enumerate() {
+            if self.parts[p].is_some() {
+                out.extend(part.first_frame..part.first_frame + part.frames);
+            }
+        }
+        out
+    }
+
+    /// Verifies every frame present against the index's sha256. With `deep`, also
+    /// decompresses every member whose frames are all present, checks its tar header,
+    /// padding and size, and hashes its content against its digest.
+    pub fn verify(&self, deep: bool) -> Result<VerifyReport> {
+        let mut report = VerifyReport {
+            parts: (0..self.parts.len() as u32)
+                .filter(|&p| self.parts[p as usize].is_some())
+                .collect(),
+            ..VerifyReport::default()
+        };
+        if !deep {
+            let frames = self.present_frames();
+            for window in frames.chunks(64) {
+                let results: Vec<Result<u64>> = window
+                    .par_iter()
+                    .map(|&f| {
+                        let n = self.frame(f)?.len() as u64;
+                        self.release_frame(f);
+                        Ok(n)
+                    })
+                    .collect();
+                for r in results {
+                    report.compressed_bytes += r?;
+                    report.frames += 1;
+                }
+            }
+            return Ok(report);
+        }
+        let mut members: Vec<(String, u32, u32, u64, Digest, bool)> = Vec::new();
+        for f in &self.index.files {
+            members.push((f.path.clone(), f.first_frame, f.frames, f.size, f.digest, false));
+        }
+        for b in &self.index.blobs {
+            members.push((tar::blob_path(&b.digest), b.first_frame, b.frames, b.size, b.digest, true));
+        }
+        let present = |first: u32, n: u32| {
+            (first..first + n).all(|f| self.parts[self.index.part_of(f)].is_some())
+        };
+        let results: Vec<Result<(u64, u64, u64, bool)>> = members
+            .par_iter()
+            .filter(|m| present(m.1, m.2))
+            .map(|(path, first, n, size, digest, is_blob)| {
+                let mut r = BlobReader::new(self, path.clone(), *first, *n, *size, *digest);
+                r.release = true;
+                io::copy(&mut r, &mut io::sink()).map_err(|e| unwrap_io(e, path))?;
+                let csize: u64 = (*first..first + n)
+                    .map(|f| u64::from(self.index.frames[f as usize].csize()))
+                    .sum();
+                Ok((u64::from(*n), csize, *size, *is_blob))
+            })
+            .collect();
+        for r in results {
+            let (n, c, s, is_blob) = r?;
+            report.frames += n;
+            report.compressed_bytes += c;
+            report.content_bytes += s;
+            report.blobs += u64::from(is_blob);
+        }
+        let end = self.index.frames.len() as u32 - 1;
+        if self.parts[self.index.part_of(end)].is_some() {
+            let mut buf = Vec::new();
+            self.decompress_frame(end, &mut buf)?;
+            if buf.len() != END_LEN || buf.iter().any(|&b| b != 0) {
+                return Err(Error::FrameDecode {
+                    frame: end,
+                    member: "end-of-archive".into(),
+                    reason: "is not two zero blocks".into(),
+                });
+            }
+            report.frames += 1;
+            report.compressed_bytes += u64::from(self.index.frames[end as usize].csize());
+        }
+        Ok(report)
+    }
+
+    /// Extracts the OCI layout (and `bundle.json`) into `dir`, which must not exist or be
+    /// empty. Every frame and digest is checked on the way; the result appears at `dir` only
+    /// when complete.
+    pub fn extract(&self, dir: &Path) -> Result<()> {
+        if let Some(missing) = self.parts.iter().position(Option::is_none) {
+            return Err(Error::PartMissing {
+                part: missing as u32,
+                count: self.parts.len() as u32,
+                expected: PathBuf::from(format!("part {missing}")),
+            });
+        }
+        match fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(Error::Target {
+                        path: dir.to_owned(),
+                        reason: "exists and is not empty".into(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(dir, e)),
+        }
+        let mut tmp = dir.as_os_str().to_owned();
+        tmp.push(format!(".tmp-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = fs::remove_dir_all(&tmp);
+        let guard = DirGuard(Some(tmp.clone()));
+        let blobs_dir = tmp.join("blobs").join("sha256");
+        fs::create_dir_all(&blobs_dir).map_err(|e| Error::io(&blobs_dir, e))?;
+        let write_member = |path: &str, first: u32, n: u32, size: u64, digest: Digest| -> Result<()> {
+            let target = tmp.join(path);
+            let mut r = BlobReader::new(self, path.to_owned(), first, n, size, digest);
+            r.release = true;
+            let f = File::create(&target).map_err(|e| Error::io(&target, e))?;
+            let mut w = io::BufWriter::with_capacity(1 << 20, f);
+            io::copy(&mut r, &mut w).map_err(|e| match e.get_ref() {
+                Some(inner) if inner.is::<Error>() => unwrap_io(e, path),
+                _ => Error::io(&target, e),
+            })?;
+            let f = w.into_inner().map_err(|e| Error::io(&target, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&target, e))
+        };
+        let files = &self.index.files;
+        let blobs = &self.index.blobs;
+        let results: Vec<Result<()>> = (0..files.len() + blobs.len())
+            .into_par_iter()
+            .map(|i| match files.get(i) {
+                Some(f) => write_member(&f.path, f.first_frame, f.frames, f.size, f.digest),
+                None => {
+                    let b = &blobs[i - files.len()];
+                    write_member(&tar::blob_path(&b.digest), b.first_frame, b.frames, b.size, b.digest)
+                }
+            })
+            .collect();
+        for r in results {
+            r?;
+        }
+        for d in [blobs_dir.as_path(), &tmp.join("blobs"), &tmp] {
+            File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(d, e))?;
+        }
+        fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        std::mem::forget(guard);
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = File::open(parent).and_then(|f| f.sync_all());
+        }
+        Ok(())
+    }
+}
+
+struct DirGuard(Option<PathBuf>);
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Turns an io::Error that wraps our own error back into it.
+fn unwrap_io(e: io::Error, what: &str) -> Error {
+    if e.get_ref().is_some_and(|i| i.is::<Error>()) {
+        if let Some(inner) = e.into_inner() {
+            if let Ok(err) = inner.downcast::<Error>() {
+                return *err;
+            }
+        }
+        return Error::Input(format!("{what}: read failed"));
+    }
+    Error::io(what, e)
+}
+
+/// Streams one member's content out of its frames: checks every frame's sha256, the tar
+/// header, the size and the zero padding, and at the end the content digest. A mismatch is
+/// an `io::Error` of kind `InvalidData` that wraps the format [`Error`].
+pub struct BlobReader<'a> {
+    archive: &'a Archive,
+    path: String,
+    first_frame: u32,
+    next_frame: u32,
+    end_frame: u32,
+    size: u64,
+    digest: Digest,
+    hasher: Hasher,
+    /// Content bytes handed out so far.
+    done: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    release: bool,
+}
+
+impl<'a> BlobReader<'a> {
+    fn new(archive: &'a Archive, path: String, first: u32, n: u32, size: u64, digest: Digest) -> Self {
+        BlobReader {
+            archive,
+            path,
+            first_frame: first,
+            next_frame: first,
+            end_frame: first + n,
+            size,
+            digest,
+            hasher: Hasher::new(),
+            done: 0,
+            buf: Vec::new(),
+            pos: 0,
+            release: false,
+        }
+    }
+
+    /// Content length.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn fill(&mut self) -> Result<()> {
+        let first = self.next_frame == self.first_frame;
+        let frame = self.next_frame;
+        self.archive.decompress_frame(frame, &mut self.buf)?;
+        if self.release {
+            self.archive.release_frame(frame);
+        }
+        self.next_frame += 1;
+        self.pos = 0;
+        if first {
+            tar::check_header(&self.buf[..tar::BLOCK.min(self.buf.len())], &self.path, self.size)
+                .map_err(|reason| Error::TarHeader {
+                    frame,
+                    member: self.path.clone(),
+                    reason,
+                })?;
+            self.pos = tar::BLOCK;
+        }
+        Ok(())
+    }
+
+    fn read_inner(&mut self, out: &mut [u8]) -> Result<usize> {
+        loop {
+            if self.done == self.size {
+                // Drain the rest: padding must be zero and the frames must end here.
+                while self.next_frame < self.end_frame || self.pos < self.buf.len() {
+                    if self.pos >= self.buf.len() {
+                        self.fill()?;
+                        continue;
+                    }
+                    if self.buf[self.pos..].iter().any(|&b| b != 0) {
+                        return Err(Error::FrameDecode {
+                            frame: self.next_frame - 1,
+                            member: self.path.clone(),
+                            reason: "tar padding is not zero".into(),
+                        });
+                    }
+                    self.pos = self.buf.len();
+                }
+                let found = std::mem::take(&mut self.hasher).finish();
+                if found != self.digest {
+                    return Err(Error::BlobDigest {
+                        expected: self.digest,
+                        found,
+                        place: format!("archive member {}", self.path),
+                    });
+                }
+                self.done = self.size + 1;
+                return Ok(0);
+            }
+            if self.done > self.size {
+                return Ok(0);
+            }
+            if self.pos >= self.buf.len() {
+                if self.next_frame >= self.end_frame {
+                    return Err(Error::FrameDecode {
+                        frame: self.end_frame - 1,
+                        member: self.path.clone(),
+                        reason: "frames end before the content does".into(),
+                    });
+                }
+                self.fill()?;
+                continue;
+            }
+            let avail = &self.buf[self.pos..];
+            let n = avail.len().min(out.len()).min((self.size - self.done) as usize);
+            out[..n].copy_from_slice(&avail[..n]);
+            self.hasher.update(&avail[..n]);
+            self.pos += n;
+            self.done += n as u64;
+            return Ok(n);
+        }
+    }
+}
+
+impl Read for BlobReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        self.read_inner(out)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// Writes `bytes` to `path` through a temp file, fsync and rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let res = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
