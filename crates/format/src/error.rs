@@ -174,7 +174,9 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
     /// The split size cannot hold one frame plus the index.
-    #[error("split size {split} bytes is too small: frame {frame} needs {needed} bytes with the index copy")]
+    #[error(
+        "split size {split} bytes is too small: frame {frame} needs {needed} bytes with the index copy"
+    )]
     SplitTooSmall {
         /// The requested split size.
         split: u64,

@@ -231,7 +231,7 @@ impl Index {
                 let f = next + k;
                 let Some(frame) = self.frames.get(f as usize) else {
                     return Err(Error::index(
-                        format!("{field}"),
+                        field.clone(),
                         format!("needs frame {f}, the index lists {nframes}"),
                     ));
                 };
@@ -431,7 +431,9 @@ impl Trailer {
             return Err(format!("trailer must be {TRAILER_LEN} bytes"));
         }
         if &t[..8] != TRAILER_MAGIC {
-            return Err("no bundle trailer at the end of the file (truncated, or not a bundle)".into());
+            return Err(
+                "no bundle trailer at the end of the file (truncated, or not a bundle)".into(),
+            );
         }
         if t[56..].iter().any(|&b| b != 0) {
             return Err("trailer reserved bytes are not zero".into());

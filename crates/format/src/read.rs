@@ -89,7 +89,12 @@ fn read_trailer(path: &Path, bytes: &[u8]) -> Result<(Trailer, std::ops::Range<u
         )));
     };
     let start = start as usize;
-    let magic = u32::from_le_bytes([bytes[start], bytes[start + 1], bytes[start + 2], bytes[start + 3]]);
+    let magic = u32::from_le_bytes([
+        bytes[start],
+        bytes[start + 1],
+        bytes[start + 2],
+        bytes[start + 3],
+    ]);
     let size = u32::from_le_bytes([
         bytes[start + 4],
         bytes[start + 5],
@@ -97,7 +102,9 @@ fn read_trailer(path: &Path, bytes: &[u8]) -> Result<(Trailer, std::ops::Range<u
         bytes[start + 7],
     ]);
     if magic != INDEX_FRAME_MAGIC || u64::from(size) != t.index_len + TRAILER_LEN as u64 {
-        return Err(not("the index frame header does not match the trailer".into()));
+        return Err(not(
+            "the index frame header does not match the trailer".into()
+        ));
     }
     let range = start + 8..start + 8 + t.index_len as usize;
     let found = Digest::of(&bytes[range.clone()]);
@@ -142,7 +149,12 @@ impl Archive {
     /// Opens an archive from one file, from any one part of a split archive (its siblings
     /// `NAME.NNN` are found beside it), from `NAME` when only `NAME.000...` exist, or from an
     /// explicit list of every part in order. Reads only the end of each file.
-    pub fn open(paths: &[PathBuf]) -> Result<Archive> {
+    pub fn open(path: impl AsRef<Path>) -> Result<Archive> {
+        Archive::open_parts(&[path.as_ref().to_owned()])
+    }
+
+    /// Like [`Archive::open`], from every part of a split archive named in order (or one file).
+    pub fn open_parts(paths: &[PathBuf]) -> Result<Archive> {
         let Some(first) = paths.first() else {
             return Err(Error::Input("no archive given".into()));
         };
@@ -159,7 +171,11 @@ impl Archive {
         if index.parts.len() != t.count as usize {
             return Err(Error::index(
                 "parts",
-                format!("lists {} parts, the trailer says {}", index.parts.len(), t.count),
+                format!(
+                    "lists {} parts, the trailer says {}",
+                    index.parts.len(),
+                    t.count
+                ),
             ));
         }
         let mut archive = Archive {
@@ -198,21 +214,22 @@ impl Archive {
         }
         let mut first_data = Some((given[0].clone(), data, t));
         for (i, p) in expected_paths.iter().enumerate() {
-            let (path, data, tr) = match first_data.take_if(|(fp, _, tr)| fp == p && tr.part as usize == i) {
-                Some(x) => x,
-                None => {
-                    if !p.exists() {
-                        return Err(Error::PartMissing {
-                            part: i as u32,
-                            count: t.count,
-                            expected: p.clone(),
-                        });
+            let (path, data, tr) =
+                match first_data.take_if(|(fp, _, tr)| fp == p && tr.part as usize == i) {
+                    Some(x) => x,
+                    None => {
+                        if !p.exists() {
+                            return Err(Error::PartMissing {
+                                part: i as u32,
+                                count: t.count,
+                                expected: p.clone(),
+                            });
+                        }
+                        let d = map(p)?;
+                        let (tr, _) = read_trailer(p, d.bytes())?;
+                        (p.clone(), d, tr)
                     }
-                    let d = map(p)?;
-                    let (tr, _) = read_trailer(p, d.bytes())?;
-                    (p.clone(), d, tr)
-                }
-            };
+                };
             archive.attach(i, path, data, tr)?;
         }
         Ok(archive)
@@ -376,7 +393,9 @@ impl Archive {
             .and_then(|mut d| d.decompress_to_buffer(c, out))
             .map_err(|e| fail(format!("zstd: {e}")))?;
         if n != dsize {
-            return Err(fail(format!("decompressed to {n} bytes, the index says {dsize}")));
+            return Err(fail(format!(
+                "decompressed to {n} bytes, the index says {dsize}"
+            )));
         }
         Ok(())
     }
@@ -411,7 +430,14 @@ impl Archive {
             .iter()
             .find(|f| f.path == path)
             .ok_or_else(|| Error::index("files", format!("has no {path:?}")))?;
-        let mut r = BlobReader::new(self, f.path.clone(), f.first_frame, f.frames, f.size, f.digest);
+        let mut r = BlobReader::new(
+            self,
+            f.path.clone(),
+            f.first_frame,
+            f.frames,
+            f.size,
+            f.digest,
+        );
         let mut out = Vec::with_capacity(f.size.min(64 << 20) as usize);
         r.read_to_end(&mut out).map_err(|e| unwrap_io(e, path))?;
         Ok(out)
@@ -466,10 +492,24 @@ impl Archive {
         }
         let mut members: Vec<(String, u32, u32, u64, Digest, bool)> = Vec::new();
         for f in &self.index.files {
-            members.push((f.path.clone(), f.first_frame, f.frames, f.size, f.digest, false));
+            members.push((
+                f.path.clone(),
+                f.first_frame,
+                f.frames,
+                f.size,
+                f.digest,
+                false,
+            ));
         }
         for b in &self.index.blobs {
-            members.push((tar::blob_path(&b.digest), b.first_frame, b.frames, b.size, b.digest, true));
+            members.push((
+                tar::blob_path(&b.digest),
+                b.first_frame,
+                b.frames,
+                b.size,
+                b.digest,
+                true,
+            ));
         }
         let present = |first: u32, n: u32| {
             (first..first + n).all(|f| self.parts[self.index.part_of(f)].is_some())
@@ -541,19 +581,22 @@ impl Archive {
         let guard = DirGuard(Some(tmp.clone()));
         let blobs_dir = tmp.join("blobs").join("sha256");
         fs::create_dir_all(&blobs_dir).map_err(|e| Error::io(&blobs_dir, e))?;
-        let write_member = |path: &str, first: u32, n: u32, size: u64, digest: Digest| -> Result<()> {
-            let target = tmp.join(path);
-            let mut r = BlobReader::new(self, path.to_owned(), first, n, size, digest);
-            r.release = true;
-            let f = File::create(&target).map_err(|e| Error::io(&target, e))?;
-            let mut w = io::BufWriter::with_capacity(1 << 20, f);
-            io::copy(&mut r, &mut w).map_err(|e| match e.get_ref() {
-                Some(inner) if inner.is::<Error>() => unwrap_io(e, path),
-                _ => Error::io(&target, e),
-            })?;
-            let f = w.into_inner().map_err(|e| Error::io(&target, e.into_error()))?;
-            f.sync_all().map_err(|e| Error::io(&target, e))
-        };
+        let write_member =
+            |path: &str, first: u32, n: u32, size: u64, digest: Digest| -> Result<()> {
+                let target = tmp.join(path);
+                let mut r = BlobReader::new(self, path.to_owned(), first, n, size, digest);
+                r.release = true;
+                let f = File::create(&target).map_err(|e| Error::io(&target, e))?;
+                let mut w = io::BufWriter::with_capacity(1 << 20, f);
+                io::copy(&mut r, &mut w).map_err(|e| match e.get_ref() {
+                    Some(inner) if inner.is::<Error>() => unwrap_io(e, path),
+                    _ => Error::io(&target, e),
+                })?;
+                let f = w
+                    .into_inner()
+                    .map_err(|e| Error::io(&target, e.into_error()))?;
+                f.sync_all().map_err(|e| Error::io(&target, e))
+            };
         let files = &self.index.files;
         let blobs = &self.index.blobs;
         let results: Vec<Result<()>> = (0..files.len() + blobs.len())
@@ -562,7 +605,13 @@ impl Archive {
                 Some(f) => write_member(&f.path, f.first_frame, f.frames, f.size, f.digest),
                 None => {
                     let b = &blobs[i - files.len()];
-                    write_member(&tar::blob_path(&b.digest), b.first_frame, b.frames, b.size, b.digest)
+                    write_member(
+                        &tar::blob_path(&b.digest),
+                        b.first_frame,
+                        b.frames,
+                        b.size,
+                        b.digest,
+                    )
                 }
             })
             .collect();
@@ -595,10 +644,8 @@ impl Drop for DirGuard {
 /// Turns an io::Error that wraps our own error back into it.
 fn unwrap_io(e: io::Error, what: &str) -> Error {
     if e.get_ref().is_some_and(|i| i.is::<Error>()) {
-        if let Some(inner) = e.into_inner() {
-            if let Ok(err) = inner.downcast::<Error>() {
-                return *err;
-            }
+        if let Some(Ok(err)) = e.into_inner().map(|i| i.downcast::<Error>()) {
+            return *err;
         }
         return Error::Input(format!("{what}: read failed"));
     }
@@ -625,7 +672,14 @@ pub struct BlobReader<'a> {
 }
 
 impl<'a> BlobReader<'a> {
-    fn new(archive: &'a Archive, path: String, first: u32, n: u32, size: u64, digest: Digest) -> Self {
+    fn new(
+        archive: &'a Archive,
+        path: String,
+        first: u32,
+        n: u32,
+        size: u64,
+        digest: Digest,
+    ) -> Self {
         BlobReader {
             archive,
             path,
@@ -657,12 +711,16 @@ impl<'a> BlobReader<'a> {
         self.next_frame += 1;
         self.pos = 0;
         if first {
-            tar::check_header(&self.buf[..tar::BLOCK.min(self.buf.len())], &self.path, self.size)
-                .map_err(|reason| Error::TarHeader {
-                    frame,
-                    member: self.path.clone(),
-                    reason,
-                })?;
+            tar::check_header(
+                &self.buf[..tar::BLOCK.min(self.buf.len())],
+                &self.path,
+                self.size,
+            )
+            .map_err(|reason| Error::TarHeader {
+                frame,
+                member: self.path.clone(),
+                reason,
+            })?;
             self.pos = tar::BLOCK;
         }
         Ok(())
@@ -712,7 +770,10 @@ impl<'a> BlobReader<'a> {
                 continue;
             }
             let avail = &self.buf[self.pos..];
-            let n = avail.len().min(out.len()).min((self.size - self.done) as usize);
+            let n = avail
+                .len()
+                .min(out.len())
+                .min((self.size - self.done) as usize);
             out[..n].copy_from_slice(&avail[..n]);
             self.hasher.update(&avail[..n]);
             self.pos += n;

@@ -74,8 +74,17 @@ pub fn check_header(found: &[u8], path: &str, size: u64) -> Result<(), String> {
     }
     match found[156] {
         b'0' | 0 => {}
-        b'1' | b'2' => return Err(format!("{name:?} is a link, only regular files are allowed")),
-        t => return Err(format!("{name:?} has type {:?}, only regular files are allowed", t as char)),
+        b'1' | b'2' => {
+            return Err(format!(
+                "{name:?} is a link, only regular files are allowed"
+            ));
+        }
+        t => {
+            return Err(format!(
+                "{name:?} has type {:?}, only regular files are allowed",
+                t as char
+            ));
+        }
     }
     if name != path {
         return Err(format!("names {name:?}"));
@@ -107,13 +116,29 @@ mod tests {
     #[test]
     fn check_names_links_and_traversal() {
         let mut h = header("../etc/passwd", 5);
-        assert!(check_header(&h, "index.json", 5).unwrap_err().contains("unsafe path"));
+        assert!(
+            check_header(&h, "index.json", 5)
+                .unwrap_err()
+                .contains("unsafe path")
+        );
         h = header("index.json", 5);
         h[156] = b'2';
-        assert!(check_header(&h, "index.json", 5).unwrap_err().contains("link"));
+        assert!(
+            check_header(&h, "index.json", 5)
+                .unwrap_err()
+                .contains("link")
+        );
         h = header("/abs", 5);
-        assert!(check_header(&h, "index.json", 5).unwrap_err().contains("unsafe path"));
-        assert!(check_header(&header("index.json", 6), "index.json", 5).unwrap_err().contains("size"));
+        assert!(
+            check_header(&h, "index.json", 5)
+                .unwrap_err()
+                .contains("unsafe path")
+        );
+        assert!(
+            check_header(&header("index.json", 6), "index.json", 5)
+                .unwrap_err()
+                .contains("size")
+        );
     }
 
     #[test]

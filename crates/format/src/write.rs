@@ -253,7 +253,10 @@ fn plan(input: &BundleInput) -> Result<Vec<Member>> {
             return Err(Error::Input(format!("images[{i}]: name is empty")));
         }
         if input.images[..i].iter().any(|o| o.name == img.name) {
-            return Err(Error::Input(format!("image name {:?} appears twice", img.name)));
+            return Err(Error::Input(format!(
+                "image name {:?} appears twice",
+                img.name
+            )));
         }
         match blobs.get(&img.digest) {
             Some(b) if b.size == img.size => {}
@@ -473,7 +476,12 @@ fn worst_case_index(members: &[Member], input: &BundleInput) -> Index {
             ));
         }
     }
-    frames.push(Frame(u64::MAX, u32::MAX, END_LEN as u32, ByteArray::new([0xff; 32])));
+    frames.push(Frame(
+        u64::MAX,
+        u32::MAX,
+        END_LEN as u32,
+        ByteArray::new([0xff; 32]),
+    ));
     let parts = (0..frames.len())
         .map(|_| Part {
             first_frame: u32::MAX,
@@ -554,7 +562,11 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
         )));
     }
     let members = plan(input)?;
-    let total_frames: u64 = members.iter().map(|m| index::member_frames(m.size())).sum::<u64>() + 1;
+    let total_frames: u64 = members
+        .iter()
+        .map(|m| index::member_frames(m.size()))
+        .sum::<u64>()
+        + 1;
     if total_frames > u64::from(u32::MAX / 2) {
         return Err(Error::Input(format!("{total_frames} frames is too many")));
     }
@@ -618,15 +630,15 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
                     }
                     let csize = c.len() as u64;
                     if let Some(split) = opts.split_size {
+                        if csize + index_bound > split {
+                            return Err(Error::SplitTooSmall {
+                                split,
+                                frame: frame_no,
+                                needed: csize + index_bound,
+                            });
+                        }
                         let cur = parts.last().map_or(0, |p| p.size);
                         if cur + csize + index_bound > split {
-                            if cur == 0 {
-                                return Err(Error::SplitTooSmall {
-                                    split,
-                                    frame: frame_no,
-                                    needed: csize + index_bound,
-                                });
-                            }
                             let n = parts.len();
                             parts.push(new_part(n, frame_no, &mut guard)?);
                         }
@@ -634,8 +646,15 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
                     let Some(part) = parts.last_mut() else {
                         unreachable!()
                     };
-                    part.file.write_all(&c).map_err(|e| Error::io(&part.tmp, e))?;
-                    frames.push(Frame(part.size, csize as u32, job.data.len() as u32, ByteArray::new(sha)));
+                    part.file
+                        .write_all(&c)
+                        .map_err(|e| Error::io(&part.tmp, e))?;
+                    frames.push(Frame(
+                        part.size,
+                        csize as u32,
+                        job.data.len() as u32,
+                        ByteArray::new(sha),
+                    ));
                     part.size += csize;
                     part.frames += 1;
                     Ok(())
@@ -705,7 +724,10 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
             },
         );
         p.file.write_all(&frame).map_err(|e| Error::io(&p.tmp, e))?;
-        let file = p.file.into_inner().map_err(|e| Error::io(&p.tmp, e.into_error()))?;
+        let file = p
+            .file
+            .into_inner()
+            .map_err(|e| Error::io(&p.tmp, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&p.tmp, e))?;
         size += p.size + frame.len() as u64;
     }
