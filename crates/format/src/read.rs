@@ -138,6 +138,16 @@ fn map(path: &Path) -> Result<Data> {
     Ok(Data::Map(m))
 }
 
+fn check_part_count(index: &Index, t: &Trailer) -> Result<()> {
+    if index.parts.len() != t.count as usize {
+        return Err(Error::index(
+            "parts",
+            format!("lists {} parts, the trailer says {}", index.parts.len(), t.count),
+        ));
+    }
+    Ok(())
+}
+
 /// Splits `NAME.NNN` into `NAME` when the suffix is all digits.
 fn part_base(path: &Path) -> Option<PathBuf> {
     let s = path.to_str()?;
@@ -168,16 +178,7 @@ impl Archive {
         let data = map(&given[0])?;
         let (t, range) = read_trailer(&given[0], data.bytes())?;
         let index = Index::from_cbor(&data.bytes()[range], &given[0])?;
-        if index.parts.len() != t.count as usize {
-            return Err(Error::index(
-                "parts",
-                format!(
-                    "lists {} parts, the trailer says {}",
-                    index.parts.len(),
-                    t.count
-                ),
-            ));
-        }
+        check_part_count(&index, &t)?;
         let mut archive = Archive {
             index,
             id: t.id,
@@ -241,6 +242,7 @@ impl Archive {
         let data = map(path)?;
         let (t, range) = read_trailer(path, data.bytes())?;
         let index = Index::from_cbor(&data.bytes()[range], path)?;
+        check_part_count(&index, &t)?;
         let mut archive = Archive {
             index,
             id: t.id,
@@ -260,9 +262,7 @@ impl Archive {
         let path = PathBuf::from("<memory>.000");
         let (t, range) = read_trailer(&path, &first)?;
         let index = Index::from_cbor(&first[range], &path)?;
-        if index.parts.len() != t.count as usize {
-            return Err(Error::index("parts", "count differs from the trailer"));
-        }
+        check_part_count(&index, &t)?;
         let mut archive = Archive {
             index,
             id: t.id,

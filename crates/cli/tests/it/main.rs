@@ -1,0 +1,9 @@
+//! Integration tests of the `bundle` binary with real peers (zstd, tar, skopeo, umoci).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod bad_input;
+mod escape_hatch;
+mod golden;
+mod reproducible;
+mod split;
+mod support;

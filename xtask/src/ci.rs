@@ -1,0 +1,141 @@
+//! `cargo xtask ci`: install what the tests need, then every check the project has: fmt,
+//! clippy, tests, docs, architecture invariants (tidy) and the fuzz targets.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the tests drive as real peers.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[("skopeo", "skopeo"), ("umoci", "umoci"), ("zstd", "zstd")];
+
+fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs the Debian packages whose commands are missing.
+pub fn install_deps(root: &Path) -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("test dependencies present: {:?}", DEBIAN_PACKAGES.iter().map(|p| p.1).collect::<Vec<_>>());
+        return Ok(());
+    }
+    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut full: Vec<&str> = sudo.to_vec();
+        full.push("apt-get");
+        full.extend_from_slice(args);
+        let (prog, rest) = full.split_first().context("empty command")?;
+        run(root, prog, rest, &[("DEBIAN_FRONTEND", "noninteractive")])
+    };
+    apt(&["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Checks the architecture invariants a command can check.
+pub fn tidy(root: &Path) -> Result<()> {
+    // ARCHITECTURE.md: "format never touches the network": no async runtime, no HTTP, no kube.
+    let out = Command::new("cargo")
+        .args(["tree", "-p", "bundle-format", "-e", "normal", "--prefix", "none"])
+        .current_dir(root)
+        .output()
+        .context("cargo tree")?;
+    if !out.status.success() {
+        bail!("cargo tree -p bundle-format failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    for banned in ["tokio ", "hyper ", "reqwest ", "kube ", "bundle-layout ", "bundle-cli "] {
+        if let Some(line) = tree.lines().find(|l| l.starts_with(banned)) {
+            bail!("tidy: bundle-format must not depend on {}: found {line}", banned.trim());
+        }
+    }
+    let out = Command::new("cargo")
+        .args(["tree", "-p", "bundle-layout", "-e", "normal", "--prefix", "none"])
+        .current_dir(root)
+        .output()
+        .context("cargo tree")?;
+    let tree = String::from_utf8_lossy(&out.stdout);
+    for banned in ["tokio ", "hyper ", "kube "] {
+        if let Some(line) = tree.lines().find(|l| l.starts_with(banned)) {
+            bail!("tidy: bundle-layout reads local files only, must not depend on {}: {line}", banned.trim());
+        }
+    }
+    eprintln!("tidy: ok (bundle-format and bundle-layout have no network or async dependencies)");
+    Ok(())
+}
+
+/// Builds the fuzz targets with cargo-fuzz on nightly and runs each briefly on a seed corpus.
+pub fn fuzz(root: &Path, seconds: u32) -> Result<()> {
+    if !Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        run(root, "cargo", &["install", "cargo-fuzz", "--locked"], &[])?;
+    }
+    let fuzz = root.join("fuzz");
+    run(&fuzz, "cargo", &["+nightly", "fuzz", "build", "archive_reader"], &[])?;
+    let corpus = fuzz.join("corpus").join("archive_reader");
+    std::fs::create_dir_all(&corpus)?;
+    let golden = root.join("testdata/golden/golden.bundle");
+    if golden.exists() {
+        let mut seed = vec![0u8];
+        seed.extend(std::fs::read(&golden)?);
+        std::fs::write(corpus.join("golden"), seed)?;
+    }
+    let max_time = format!("-max_total_time={seconds}");
+    run(
+        &fuzz,
+        "cargo",
+        &["+nightly", "fuzz", "run", "archive_reader", "--", &max_time, "-rss_limit_mb=2048"],
+        &[],
+    )
+}
+
+/// The whole check, as CI runs it. The tests run last, so that their summary closes the log.
+pub fn ci(root: &Path) -> Result<()> {
+    install_deps(root)?;
+    run(root, "cargo", &["fmt", "--all", "--check"], &[])?;
+    run(root, "cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
+    run(
+        root,
+        "cargo",
+        &["doc", "--workspace", "--no-deps"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    )?;
+    tidy(root)?;
+    fuzz(root, 30)?;
+    run(root, "cargo", &["test", "--workspace"], &[])?;
+    eprintln!("ci: all checks passed");
+    Ok(())
+}
