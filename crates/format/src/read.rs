@@ -142,7 +142,11 @@ fn check_part_count(index: &Index, t: &Trailer) -> Result<()> {
     if index.parts.len() != t.count as usize {
         return Err(Error::index(
             "parts",
-            format!("lists {} parts, the trailer says {}", index.parts.len(), t.count),
+            format!(
+                "lists {} parts, the trailer says {}",
+                index.parts.len(),
+                t.count
+            ),
         ));
     }
     Ok(())

@@ -281,13 +281,17 @@ fn plan(input: &BundleInput) -> Result<Vec<Member>> {
 /// One frame's worth of the tar stream, before compression.
 struct Job {
     data: Vec<u8>,
+    /// The bytes of `data` that are blob content, to be hashed.
+    content: std::ops::Range<usize>,
+    /// Set on the last frame of a blob: the index of that member.
+    ends_blob: Option<usize>,
 }
 
-/// Reads members in order and cuts the tar stream into frames, hashing blob content as it
-/// goes. Sends windows of frames; a blob whose content does not match its digest ends the
-/// stream with an error.
+const WINDOW_BYTES: usize = 16 << 20;
+
+/// Reads members in order and cuts the tar stream into frames. Sends windows of frames in
+/// stream order; stops quietly when the receiver hangs up.
 fn produce(members: &[Member], tx: mpsc::SyncSender<Vec<Job>>) -> Result<()> {
-    const WINDOW_BYTES: usize = 8 << 20;
     let mut window: Vec<Job> = Vec::new();
     let mut window_bytes = 0usize;
     let mut open: Option<(PathBuf, File)> = None;
@@ -300,104 +304,127 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Vec<Job>>) -> Result<()> {
         }
         true
     };
-    for m in members {
+    let chunk = CHUNK as usize;
+    for (mi, m) in members.iter().enumerate() {
         let size = m.size();
-        let mut buf = Vec::with_capacity(CHUNK as usize);
+        let is_blob = matches!(m, Member::Blob(_));
+        let mut buf = Vec::with_capacity(chunk);
         buf.extend_from_slice(&tar::header(&m.tar_path(), size));
-        let mut hasher = Hasher::new();
+        let mut content_start = buf.len();
         let mut done: u64 = 0;
-        while done < size {
-            if buf.len() == CHUNK as usize {
-                let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK as usize));
-                if !send(Job { data: full }, &mut window, false) {
-                    return Ok(());
-                }
-            }
-            let n = ((CHUNK as usize - buf.len()) as u64).min(size - done) as usize;
-            let start = buf.len();
-            buf.resize(start + n, 0);
-            match m {
-                Member::File { bytes, .. } => {
-                    buf[start..].copy_from_slice(&bytes[done as usize..done as usize + n]);
-                }
-                Member::Blob(b) => match &b.content {
-                    Content::Bytes(bytes) => {
-                        let Some(src) = bytes.get(done as usize..done as usize + n) else {
-                            return Err(Error::Input(format!(
-                                "blob {}: {} bytes given, {} declared",
-                                b.digest,
-                                bytes.len(),
-                                size
-                            )));
-                        };
-                        buf[start..].copy_from_slice(src);
-                    }
-                    Content::File { path, offset } => {
-                        let file = match &open {
-                            Some((p, f)) if p == path => f,
-                            _ => {
-                                let f = File::open(path).map_err(|e| Error::io(path, e))?;
-                                &open.insert((path.clone(), f)).1
-                            }
-                        };
-                        file.read_exact_at(&mut buf[start..], offset + done)
-                            .map_err(|e| {
-                                Error::io(
-                                    path,
-                                    std::io::Error::new(
-                                        e.kind(),
-                                        format!(
-                                            "reading blob {} ({size} bytes at offset {offset}): {e}",
-                                            b.digest
-                                        ),
-                                    ),
-                                )
-                            })?;
-                    }
-                },
-            }
-            if let Member::Blob(_) = m {
-                hasher.update(&buf[start..]);
-            }
-            done += n as u64;
-        }
-        if let Member::Blob(b) = m {
-            let found = hasher.finish();
-            if found != b.digest {
-                let place = match &b.content {
-                    Content::Bytes(_) => "generated".to_owned(),
-                    Content::File { path, offset } => {
-                        format!("{} at offset {offset}", path.display())
-                    }
-                };
-                return Err(Error::BlobDigest {
-                    expected: b.digest,
-                    found,
-                    place,
-                });
-            }
-        }
         let pad = (tar::padded(size) - size) as usize;
         let mut pad_left = pad;
-        while pad_left > 0 {
-            if buf.len() == CHUNK as usize {
-                let full = std::mem::replace(&mut buf, Vec::with_capacity(CHUNK as usize));
-                if !send(Job { data: full }, &mut window, false) {
+        loop {
+            // Fill the frame with content, then padding.
+            if done < size && buf.len() < chunk {
+                let n = ((chunk - buf.len()) as u64).min(size - done) as usize;
+                let start = buf.len();
+                buf.resize(start + n, 0);
+                fill(m, &mut buf[start..], done, &mut open)?;
+                done += n as u64;
+            }
+            let content_end = buf.len();
+            if done == size && pad_left > 0 && buf.len() < chunk {
+                let n = pad_left.min(chunk - buf.len());
+                buf.resize(buf.len() + n, 0);
+                pad_left -= n;
+            }
+            let last = done == size && pad_left == 0;
+            if buf.len() == chunk || last {
+                let job = Job {
+                    data: std::mem::replace(&mut buf, Vec::with_capacity(chunk)),
+                    content: if is_blob {
+                        content_start..content_end
+                    } else {
+                        0..0
+                    },
+                    ends_blob: (is_blob && last).then_some(mi),
+                };
+                content_start = 0;
+                if !send(job, &mut window, false) {
                     return Ok(());
                 }
             }
-            let n = pad_left.min(CHUNK as usize - buf.len());
-            buf.resize(buf.len() + n, 0);
-            pad_left -= n;
-        }
-        if !send(Job { data: buf }, &mut window, false) {
-            return Ok(());
+            if last {
+                break;
+            }
         }
     }
     let end = Job {
         data: vec![0u8; END_LEN],
+        content: 0..0,
+        ends_blob: None,
     };
     send(end, &mut window, true);
+    Ok(())
+}
+
+/// Reads content bytes `done..done + out.len()` of a member into `out`.
+fn fill(m: &Member, out: &mut [u8], done: u64, open: &mut Option<(PathBuf, File)>) -> Result<()> {
+    let at = done as usize;
+    match m {
+        Member::File { bytes, .. } => out.copy_from_slice(&bytes[at..at + out.len()]),
+        Member::Blob(b) => match &b.content {
+            Content::Bytes(bytes) => {
+                let src = bytes.get(at..at + out.len()).ok_or_else(|| {
+                    Error::Input(format!(
+                        "blob {}: {} bytes given, {} declared",
+                        b.digest,
+                        bytes.len(),
+                        b.size
+                    ))
+                })?;
+                out.copy_from_slice(src);
+            }
+            Content::File { path, offset } => {
+                let file = match open {
+                    Some((p, f)) if p == path => f,
+                    _ => {
+                        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+                        &open.insert((path.clone(), f)).1
+                    }
+                };
+                file.read_exact_at(out, offset + done).map_err(|e| {
+                    Error::io(
+                        path,
+                        std::io::Error::new(
+                            e.kind(),
+                            format!(
+                                "reading blob {} ({} bytes at offset {offset}): {e}",
+                                b.digest, b.size
+                            ),
+                        ),
+                    )
+                })?;
+            }
+        },
+    }
+    Ok(())
+}
+
+/// Hashes the blob content of a window, in stream order, checking each blob that ends in it.
+fn hash_window(window: &[Job], members: &[Member], hasher: &mut Hasher) -> Result<()> {
+    for job in window {
+        hasher.update(&job.data[job.content.clone()]);
+        if let Some(mi) = job.ends_blob {
+            let found = std::mem::take(hasher).finish();
+            if let Member::Blob(b) = &members[mi] {
+                if found != b.digest {
+                    let place = match &b.content {
+                        Content::Bytes(_) => "generated".to_owned(),
+                        Content::File { path, offset } => {
+                            format!("{} at offset {offset}", path.display())
+                        }
+                    };
+                    return Err(Error::BlobDigest {
+                        expected: b.digest,
+                        found,
+                        place,
+                    });
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -552,6 +579,156 @@ fn build_index(
     }
 }
 
+/// A compressed frame on its way to disk.
+struct Compressed {
+    frame: u32,
+    bytes: Vec<u8>,
+    sha: [u8; 32],
+    dsize: u32,
+}
+
+/// Appends frames to part files, opening a new part when the split size says so.
+struct PartWriter<'a> {
+    out: &'a Path,
+    split: Option<u64>,
+    index_bound: u64,
+    parts: Vec<PartFile>,
+    frames: Vec<Frame>,
+    guard: TempGuard,
+}
+
+impl PartWriter<'_> {
+    fn new_part(&mut self, first_frame: u32) -> Result<()> {
+        let n = self.parts.len();
+        let tmp = tmp_name(&if self.split.is_some() {
+            let mut s = self.out.as_os_str().to_owned();
+            s.push(format!(".part{n}"));
+            PathBuf::from(s)
+        } else {
+            self.out.to_owned()
+        });
+        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        self.guard.0.push(tmp.clone());
+        self.parts.push(PartFile {
+            tmp,
+            file: BufWriter::with_capacity(1 << 20, file),
+            first_frame,
+            frames: 0,
+            size: 0,
+        });
+        Ok(())
+    }
+
+    fn push(&mut self, c: Compressed) -> Result<()> {
+        if c.bytes.len() > MAX_FRAME_COMPRESSED as usize {
+            return Err(Error::Compress {
+                frame: c.frame,
+                message: format!(
+                    "compressed to {} bytes, over the {MAX_FRAME_COMPRESSED} limit",
+                    c.bytes.len()
+                ),
+            });
+        }
+        let csize = c.bytes.len() as u64;
+        let cur = self.parts.last().map(|p| p.size);
+        match (self.split, cur) {
+            (Some(split), _) if csize + self.index_bound > split => {
+                return Err(Error::SplitTooSmall {
+                    split,
+                    frame: c.frame,
+                    needed: csize + self.index_bound,
+                });
+            }
+            (Some(split), Some(cur)) if cur + csize + self.index_bound > split => {
+                self.new_part(c.frame)?;
+            }
+            (_, None) => self.new_part(c.frame)?,
+            _ => {}
+        }
+        let Some(part) = self.parts.last_mut() else {
+            unreachable!("a part was just opened")
+        };
+        part.file
+            .write_all(&c.bytes)
+            .map_err(|e| Error::io(&part.tmp, e))?;
+        self.frames.push(Frame(
+            part.size,
+            csize as u32,
+            c.dsize,
+            ByteArray::new(c.sha),
+        ));
+        part.size += csize;
+        part.frames += 1;
+        Ok(())
+    }
+}
+
+/// Runs the pipeline: a reader thread cuts frames; for each window, rayon compresses and
+/// hashes frames in parallel while the blob digests are checked in stream order; a writer
+/// thread appends the frames to the parts.
+fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Result<()> {
+    let (tx, rx) = mpsc::sync_channel::<Vec<Job>>(2);
+    let (wtx, wrx) = mpsc::sync_channel::<Vec<Compressed>>(2);
+    std::thread::scope(|s| -> Result<()> {
+        let producer = s.spawn(|| produce(members, tx));
+        let writer_thread = s.spawn(move || -> Result<()> {
+            for batch in wrx.iter() {
+                for c in batch {
+                    writer.push(c)?;
+                }
+            }
+            Ok(())
+        });
+        let mut hasher = Hasher::new();
+        let mut next: u32 = 0;
+        let mut result: Result<()> = Ok(());
+        for window in rx.iter() {
+            let base = next;
+            next += window.len() as u32;
+            let (hashed, compressed) = rayon::join(
+                || hash_window(&window, members, &mut hasher),
+                || {
+                    window
+                        .par_iter()
+                        .enumerate()
+                        .map(|(i, job)| {
+                            let frame = base + i as u32;
+                            let bytes = compress(&job.data, level, frame)?;
+                            let sha = *Digest::of(&bytes).as_bytes();
+                            Ok(Compressed {
+                                frame,
+                                bytes,
+                                sha,
+                                dsize: job.data.len() as u32,
+                            })
+                        })
+                        .collect::<Result<Vec<Compressed>>>()
+                },
+            );
+            let batch = match hashed.and(compressed) {
+                Ok(b) => b,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            if wtx.send(batch).is_err() {
+                break;
+            }
+        }
+        drop(rx);
+        drop(wtx);
+        let produced = producer
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let written = writer_thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        // The first failure in stream order wins: reading, then checking, then writing.
+        produced.and(result).and(written)
+    })
+}
+
 /// Writes `input` as an archive at `out` (or `OUT.000`, `OUT.001`, ... when split).
 /// Nothing appears under a final name until every byte of it is written and synced.
 pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<WriteSummary> {
@@ -576,108 +753,21 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
         }
         None => 0,
     };
-    let mut guard = TempGuard(Vec::new());
-    let mut parts: Vec<PartFile> = Vec::new();
-    let mut frames: Vec<Frame> = Vec::with_capacity(total_frames as usize);
-    let level = opts.level;
-    let new_part = |n: usize, first_frame: u32, guard: &mut TempGuard| -> Result<PartFile> {
-        let tmp = tmp_name(&if opts.split_size.is_some() {
-            let mut s = out.as_os_str().to_owned();
-            s.push(format!(".part{n}"));
-            PathBuf::from(s)
-        } else {
-            out.to_owned()
-        });
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        guard.0.push(tmp.clone());
-        Ok(PartFile {
-            tmp,
-            file: BufWriter::with_capacity(1 << 20, file),
-            first_frame,
-            frames: 0,
-            size: 0,
-        })
+    let mut writer = PartWriter {
+        out,
+        split: opts.split_size,
+        index_bound,
+        parts: Vec::new(),
+        frames: Vec::with_capacity(total_frames as usize),
+        guard: TempGuard(Vec::new()),
     };
-    parts.push(new_part(0, 0, &mut guard)?);
-
-    let (tx, rx) = mpsc::sync_channel::<Vec<Job>>(2);
-    let produced = std::thread::scope(|s| -> Result<()> {
-        let producer = s.spawn(|| produce(&members, tx));
-        let mut write_err: Option<Error> = None;
-        for window in rx.iter() {
-            let base = frames.len() as u32;
-            let compressed: Vec<Result<(Vec<u8>, [u8; 32])>> = window
-                .par_iter()
-                .enumerate()
-                .map(|(i, job)| {
-                    let c = compress(&job.data, level, base + i as u32)?;
-                    let sha = *Digest::of(&c).as_bytes();
-                    Ok((c, sha))
-                })
-                .collect();
-            for (i, (res, job)) in compressed.into_iter().zip(&window).enumerate() {
-                let frame_no = base + i as u32;
-                let step = || -> Result<()> {
-                    let (c, sha) = res?;
-                    if c.len() > MAX_FRAME_COMPRESSED as usize {
-                        return Err(Error::Compress {
-                            frame: frame_no,
-                            message: format!(
-                                "compressed to {} bytes, over the {MAX_FRAME_COMPRESSED} limit",
-                                c.len()
-                            ),
-                        });
-                    }
-                    let csize = c.len() as u64;
-                    if let Some(split) = opts.split_size {
-                        if csize + index_bound > split {
-                            return Err(Error::SplitTooSmall {
-                                split,
-                                frame: frame_no,
-                                needed: csize + index_bound,
-                            });
-                        }
-                        let cur = parts.last().map_or(0, |p| p.size);
-                        if cur + csize + index_bound > split {
-                            let n = parts.len();
-                            parts.push(new_part(n, frame_no, &mut guard)?);
-                        }
-                    }
-                    let Some(part) = parts.last_mut() else {
-                        unreachable!()
-                    };
-                    part.file
-                        .write_all(&c)
-                        .map_err(|e| Error::io(&part.tmp, e))?;
-                    frames.push(Frame(
-                        part.size,
-                        csize as u32,
-                        job.data.len() as u32,
-                        ByteArray::new(sha),
-                    ));
-                    part.size += csize;
-                    part.frames += 1;
-                    Ok(())
-                };
-                if let Err(e) = step() {
-                    write_err = Some(e);
-                    break;
-                }
-            }
-            if write_err.is_some() {
-                break;
-            }
-        }
-        drop(rx);
-        let produced = producer
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        if let Some(e) = write_err {
-            return Err(e);
-        }
-        produced
-    });
-    produced?;
+    pipeline(&members, opts.level, &mut writer)?;
+    let PartWriter {
+        parts,
+        frames,
+        mut guard,
+        ..
+    } = writer;
     if frames.len() as u64 != total_frames {
         return Err(Error::Input(format!(
             "wrote {} frames, planned {total_frames}",
@@ -696,7 +786,7 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
                 size: p.size,
             })
             .collect(),
-        level,
+        opts.level,
     );
     index.validate()?;
     let cbor = index.to_cbor();
@@ -731,8 +821,7 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
         file.sync_all().map_err(|e| Error::io(&p.tmp, e))?;
         size += p.size + frame.len() as u64;
     }
-    for (i, fin) in finals.iter().enumerate() {
-        let tmp = &guard.0[i];
+    for (tmp, fin) in guard.0.iter().zip(&finals) {
         fs::rename(tmp, fin).map_err(|e| Error::io(fin, e))?;
     }
     guard.0.clear();
