@@ -408,20 +408,20 @@ fn hash_window(window: &[Job], members: &[Member], hasher: &mut Hasher) -> Resul
         hasher.update(&job.data[job.content.clone()]);
         if let Some(mi) = job.ends_blob {
             let found = std::mem::take(hasher).finish();
-            if let Member::Blob(b) = &members[mi] {
-                if found != b.digest {
-                    let place = match &b.content {
-                        Content::Bytes(_) => "generated".to_owned(),
-                        Content::File { path, offset } => {
-                            format!("{} at offset {offset}", path.display())
-                        }
-                    };
-                    return Err(Error::BlobDigest {
-                        expected: b.digest,
-                        found,
-                        place,
-                    });
-                }
+            if let Member::Blob(b) = &members[mi]
+                && found != b.digest
+            {
+                let place = match &b.content {
+                    Content::Bytes(_) => "generated".to_owned(),
+                    Content::File { path, offset } => {
+                        format!("{} at offset {offset}", path.display())
+                    }
+                };
+                return Err(Error::BlobDigest {
+                    expected: b.digest,
+                    found,
+                    place,
+                });
             }
         }
     }
