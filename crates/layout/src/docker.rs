@@ -40,16 +40,19 @@ pub(crate) fn resolve(
     filter: &[Platform],
 ) -> Result<Resolved> {
     let archive = tar.path();
-    let loc = tar.locate("manifest.json")?.ok_or_else(|| Error::NotALayout {
-        path: archive.to_owned(),
-        reason: "not a docker archive: no manifest.json".into(),
-    })?;
+    let loc = tar
+        .locate("manifest.json")?
+        .ok_or_else(|| Error::NotALayout {
+            path: archive.to_owned(),
+            reason: "not a docker archive: no manifest.json".into(),
+        })?;
     let what = loc.place.to_string();
     let bytes = loc.read(&what, JSON_LIMIT)?;
-    let entries: Vec<DockerEntry> = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-        what: what.clone(),
-        source,
-    })?;
+    let entries: Vec<DockerEntry> =
+        serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            what: what.clone(),
+            source,
+        })?;
     let (i, entry) = select(archive, &entries, reference)?;
     let what = format!("{what} [{i}]");
 
@@ -72,7 +75,10 @@ pub(crate) fn resolve(
             source,
         })?
         .platform();
-    if !filter.is_empty() && !platform.as_ref().is_some_and(|p| filter.iter().any(|f| f.matches(p)))
+    if !filter.is_empty()
+        && !platform
+            .as_ref()
+            .is_some_and(|p| filter.iter().any(|f| f.matches(p)))
     {
         let available: BTreeSet<String> = platform.iter().map(Platform::to_string).collect();
         return Err(crate::oci::no_platform(name, filter, available));
@@ -209,18 +215,28 @@ fn select<'e>(
                     .enumerate()
                     .map(|(i, e)| {
                         let t = tags(e);
-                        if t.is_empty() { format!("@{i}") } else { t.join(", ") }
+                        if t.is_empty() {
+                            format!("@{i}")
+                        } else {
+                            t.join(", ")
+                        }
                     })
                     .collect(),
             }),
         };
     };
-    if let Some(n) = reference.strip_prefix('@').and_then(|n| n.parse::<usize>().ok()) {
-        return entries.get(n).map(|e| (n, e)).ok_or_else(|| Error::TagNotFound {
-            layout: archive.to_owned(),
-            tag: reference.to_owned(),
-            available: (0..entries.len()).map(|i| format!("@{i}")).collect(),
-        });
+    if let Some(n) = reference
+        .strip_prefix('@')
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        return entries
+            .get(n)
+            .map(|e| (n, e))
+            .ok_or_else(|| Error::TagNotFound {
+                layout: archive.to_owned(),
+                tag: reference.to_owned(),
+                available: (0..entries.len()).map(|i| format!("@{i}")).collect(),
+            });
     }
     let want = familiar(reference);
     entries
@@ -237,10 +253,15 @@ fn select<'e>(
 /// A reference in Docker's short form, with the default tag: `docker.io/library/app` and
 /// `app:latest` compare equal.
 fn familiar(r: &str) -> String {
-    let short = ["docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/"]
-        .iter()
-        .find_map(|p| r.strip_prefix(p))
-        .unwrap_or(r);
+    let short = [
+        "docker.io/library/",
+        "index.docker.io/library/",
+        "docker.io/",
+        "index.docker.io/",
+    ]
+    .iter()
+    .find_map(|p| r.strip_prefix(p))
+    .unwrap_or(r);
     let last = short.rsplit('/').next().unwrap_or(short);
     if last.contains(':') || short.contains('@') {
         short.to_owned()
@@ -335,8 +356,14 @@ mod tests {
     fn digests_in_names() {
         let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
         let d: Digest = format!("sha256:{hex}").parse().unwrap();
-        assert_eq!(digest_in_name(&format!("blobs/sha256/{hex}"), false), Some(d));
-        assert_eq!(digest_in_name(&format!("./blobs/sha256/{hex}"), true), Some(d));
+        assert_eq!(
+            digest_in_name(&format!("blobs/sha256/{hex}"), false),
+            Some(d)
+        );
+        assert_eq!(
+            digest_in_name(&format!("./blobs/sha256/{hex}"), true),
+            Some(d)
+        );
         assert_eq!(digest_in_name(&format!("{hex}.json"), true), Some(d));
         assert_eq!(digest_in_name(&format!("{hex}.json"), false), None);
         assert_eq!(digest_in_name(&format!("{hex}/layer.tar"), false), None);

@@ -119,7 +119,7 @@ pub enum Error {
         /// The field, e.g. `layers[2].digest`.
         field: String,
         /// Why the value was refused.
-        source: bundle_format::Error,
+        source: Box<bundle_format::Error>,
     },
     /// Content does not hash to the digest that names it.
     #[error("{what}: content hashes to {found}, expected {expected}")]
@@ -239,9 +239,9 @@ pub enum Error {
         /// `bzip2` or `xz`.
         kind: &'static str,
     },
-    /// An error from the format crate.
+    /// An error from the format crate (boxed: it is large).
     #[error(transparent)]
-    Format(#[from] bundle_format::Error),
+    Format(Box<bundle_format::Error>),
 }
 
 impl Error {
@@ -250,6 +250,12 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+impl From<bundle_format::Error> for Error {
+    fn from(e: bundle_format::Error) -> Error {
+        Error::Format(Box::new(e))
     }
 }
 

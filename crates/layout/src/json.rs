@@ -90,7 +90,8 @@ pub(crate) struct JsonPlatform {
 impl JsonPlatform {
     /// The platform, when os and architecture are both given.
     pub fn platform(&self) -> Option<Platform> {
-        let nonempty = |s: &Option<String>| s.as_deref().filter(|s| !s.is_empty()).map(str::to_owned);
+        let nonempty =
+            |s: &Option<String>| s.as_deref().filter(|s| !s.is_empty()).map(str::to_owned);
         Some(Platform {
             os: nonempty(&self.os)?,
             architecture: nonempty(&self.architecture)?,

@@ -41,8 +41,9 @@ pub fn resolve(name: &str, spec: &SourceSpec, platforms: &[Platform]) -> Result<
             if !md.is_dir() {
                 return Err(Error::NotALayout {
                     path: path.clone(),
-                    reason: "an oci-layout source must be a directory (use oci-archive: for a tar file)"
-                        .into(),
+                    reason:
+                        "an oci-layout source must be a directory (use oci-archive: for a tar file)"
+                            .into(),
                 });
             }
             let store = store::Store::Dir(path.clone());

@@ -30,10 +30,13 @@ impl Ref {
         let digest = d.digest.parse().map_err(|e| Error::InvalidDigest {
             what: doc.to_owned(),
             field: format!("{field}.digest"),
-            source: e,
+            source: Box::new(e),
         })?;
-        let attests = (d.annotation(json::REFERENCE_TYPE) == Some("attestation-manifest"))
-            .then(|| d.annotation(json::REFERENCE_DIGEST).and_then(|s| s.parse().ok()));
+        let attests =
+            (d.annotation(json::REFERENCE_TYPE) == Some("attestation-manifest")).then(|| {
+                d.annotation(json::REFERENCE_DIGEST)
+                    .and_then(|s| s.parse().ok())
+            });
         Ok(Ref {
             digest,
             size: d.size,
@@ -188,7 +191,11 @@ fn select<'e>(
             tag: tag.to_owned(),
             available: entries
                 .iter()
-                .filter_map(|d| d.annotation(REF_NAME_ANNOTATION).map(str::to_owned))
+                .filter_map(|d| {
+                    d.annotation(REF_NAME_ANNOTATION)
+                        .or_else(|| d.annotation(CONTAINERD_NAME_ANNOTATION))
+                        .map(str::to_owned)
+                })
                 .collect(),
         });
     };
@@ -282,7 +289,9 @@ impl Walk<'_> {
             source,
         })?;
         let config = Ref::parse(&m.config, what, "config")?;
-        let config_bytes = self.store.read_blob(&config.digest, config.size, "config")?;
+        let config_bytes = self
+            .store
+            .read_blob(&config.digest, config.size, "config")?;
         let config_platform = match serde_json::from_slice::<json::JsonPlatform>(&config_bytes) {
             Ok(p) => p.platform(),
             Err(source)
@@ -466,6 +475,9 @@ fn rewrite(bytes: &[u8], kept: &[(usize, Node)], what: &str) -> Result<Vec<u8>> 
         out.push(entry);
     }
     *list = out;
+    // Sorted keys whatever serde_json's `preserve_order` feature says: the digest must not
+    // depend on how the workspace happens to be built.
+    doc.sort_all_objects();
     serde_json::to_vec(&doc).map_err(json_err)
 }
 

@@ -268,7 +268,9 @@ mod tests {
     #[test]
     fn rejects_bad_sources() {
         match SourceSpec::parse("docker-daemon:app:1.0") {
-            Err(Error::UnknownTransport { transport, .. }) => assert_eq!(transport, "docker-daemon"),
+            Err(Error::UnknownTransport { transport, .. }) => {
+                assert_eq!(transport, "docker-daemon")
+            }
             other => panic!("{other:?}"),
         }
         let e = SourceSpec::parse("docker://app").unwrap_err().to_string();
@@ -284,9 +286,13 @@ mod tests {
     #[test]
     fn relative_paths_join_the_base() {
         let base = Path::new("/etc/bundle");
-        let s = SourceSpec::parse("oci-layout:img:1").unwrap().relative_to(base);
+        let s = SourceSpec::parse("oci-layout:img:1")
+            .unwrap()
+            .relative_to(base);
         assert_eq!(s.path(), Path::new("/etc/bundle/img"));
-        let s = SourceSpec::parse("docker-archive:/abs.tar").unwrap().relative_to(base);
+        let s = SourceSpec::parse("docker-archive:/abs.tar")
+            .unwrap()
+            .relative_to(base);
         assert_eq!(s.path(), Path::new("/abs.tar"));
     }
 

@@ -80,7 +80,9 @@ impl TarIndex {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut archive = tar::Archive::new(BufReader::new(file));
         let mut members = HashMap::new();
-        let entries = archive.entries_with_seek().map_err(|e| Error::io(path, e))?;
+        let entries = archive
+            .entries_with_seek()
+            .map_err(|e| Error::io(path, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(path, e))?;
             let raw = entry.path_bytes();
@@ -363,7 +365,10 @@ mod tests {
     #[test]
     fn detects_compression() {
         assert_eq!(compression(&[0x1f, 0x8b, 8, 0]).map(|c| c.0), Some("gzip"));
-        assert_eq!(compression(&[0x28, 0xb5, 0x2f, 0xfd, 0]).map(|c| c.0), Some("zstd"));
+        assert_eq!(
+            compression(&[0x28, 0xb5, 0x2f, 0xfd, 0]).map(|c| c.0),
+            Some("zstd")
+        );
         assert_eq!(compression(b"BZh91AY").map(|c| c.0), Some("bzip2"));
         assert_eq!(compression(b"\xfd7zXZ\0").map(|c| c.0), Some("xz"));
         assert_eq!(compression(b"index.json\0\0"), None);
@@ -399,7 +404,12 @@ mod tests {
             ("y/sym", tar::EntryType::Symlink, b"", Some("../x/data")),
             ("z", tar::EntryType::Link, b"", Some("./y/sym")),
             ("loop", tar::EntryType::Symlink, b"", Some("loop")),
-            ("out", tar::EntryType::Symlink, b"", Some("../../etc/passwd")),
+            (
+                "out",
+                tar::EntryType::Symlink,
+                b"",
+                Some("../../etc/passwd"),
+            ),
         ]);
         std::fs::write(&path, &bytes).unwrap();
         let idx = TarIndex::open(&path).unwrap();
@@ -418,7 +428,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for bad in ["../evil", "/abs", "a/../../b"] {
             let path = dir.path().join("bad.tar");
-            std::fs::write(&path, tar_with(&[(bad, tar::EntryType::Regular, b"x", None)])).unwrap();
+            std::fs::write(
+                &path,
+                tar_with(&[(bad, tar::EntryType::Regular, b"x", None)]),
+            )
+            .unwrap();
             match TarIndex::open(&path) {
                 Err(Error::UnsafeMember { member, .. }) => assert_eq!(member, bad),
                 other => panic!("{bad}: {other:?}"),

@@ -94,13 +94,14 @@ impl Layout {
         (d, bytes.len() as u64)
     }
 
-    /// An image for `platform` with one gzip layer per entry of `layers` (file contents).
+    /// An image for `platform` with one gzip layer per entry of `layers`: a file holding that
+    /// text, named after it, so equal entries make equal layers.
     pub fn image(&self, platform: &str, layers: &[&str]) -> Image {
         let mut descs = Vec::new();
         let mut diff_ids = Vec::new();
         let mut digests = Vec::new();
-        for (i, content) in layers.iter().enumerate() {
-            let name = format!("file{i}.txt");
+        for content in layers {
+            let name = format!("{}.txt", content.replace(' ', "_"));
             let tar = layer_tar(&[(&name, content.as_bytes())]);
             diff_ids.push(sha(&tar).to_string());
             let (d, size) = self.blob(&gzip(&tar));
@@ -124,7 +125,8 @@ impl Layout {
             "config": {"mediaType": OCI_CONFIG, "digest": config.to_string(), "size": config_size},
             "layers": descs,
         });
-        let (manifest, manifest_size) = self.blob(&serde_json::to_vec_pretty(&manifest).expect("json"));
+        let (manifest, manifest_size) =
+            self.blob(&serde_json::to_vec_pretty(&manifest).expect("json"));
         Image {
             manifest,
             manifest_size,
@@ -157,7 +159,11 @@ impl Layout {
             })
             .collect();
         let idx = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
-        fs::write(self.dir.join("index.json"), serde_json::to_vec(&idx).expect("json")).expect("write");
+        fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&idx).expect("json"),
+        )
+        .expect("write");
     }
 }
 
@@ -198,13 +204,21 @@ pub fn raw_header(name: &str, kind: tar::EntryType, size: u64) -> tar::Header {
     h.set_mode(0o644);
     h.set_mtime(0);
     let field = &mut h.as_old_mut().name;
-    assert!(name.len() <= field.len(), "{name} is too long for a plain header");
+    assert!(
+        name.len() <= field.len(),
+        "{name} is too long for a plain header"
+    );
     field[..name.len()].copy_from_slice(name.as_bytes());
     h.set_cksum();
     h
 }
 
-pub fn append_raw<W: Write>(b: &mut tar::Builder<W>, name: &str, kind: tar::EntryType, data: &[u8]) {
+pub fn append_raw<W: Write>(
+    b: &mut tar::Builder<W>,
+    name: &str,
+    kind: tar::EntryType,
+    data: &[u8],
+) {
     let h = raw_header(name, kind, data.len() as u64);
     b.append(&h, data).expect("tar append");
 }
@@ -224,7 +238,12 @@ pub fn content_bytes(c: &Content, size: u64) -> Vec<u8> {
 pub fn check_blobs(r: &Resolved) -> Vec<Digest> {
     let mut out = Vec::new();
     for b in &r.blobs {
-        assert_eq!(sha(&content_bytes(&b.content, b.size)), b.digest, "blob {}", b.digest);
+        assert_eq!(
+            sha(&content_bytes(&b.content, b.size)),
+            b.digest,
+            "blob {}",
+            b.digest
+        );
         out.push(b.digest);
     }
     let mut sorted = out.clone();
@@ -245,8 +264,9 @@ pub fn write_and_verify(r: &Resolved, dir: &Path) {
         blobs: r.blobs.clone(),
     };
     let out = dir.join("out.bundle");
-    bundle_format::write(&input, &out, &bundle_format::WriteOptions::default()).expect("write bundle");
-    let archive = bundle_format::Archive::open(&[out]).expect("open bundle");
+    bundle_format::write(&input, &out, &bundle_format::WriteOptions::default())
+        .expect("write bundle");
+    let archive = bundle_format::Archive::open(&out).expect("open bundle");
     archive.verify(true).expect("verify bundle");
     assert_eq!(archive.index().images[0].digest, r.image.digest);
 }
