@@ -4,6 +4,8 @@
 mod bad_input;
 mod escape_hatch;
 mod golden;
+mod platform;
 mod reproducible;
+mod snapshots;
 mod split;
 mod support;
