@@ -7,7 +7,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the tests drive as real peers.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("skopeo", "skopeo"), ("umoci", "umoci"), ("zstd", "zstd")];
+const DEBIAN_PACKAGES: &[(&str, &str)] =
+    &[("skopeo", "skopeo"), ("umoci", "umoci"), ("zstd", "zstd")];
 
 fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     eprintln!("+ {program} {}", args.join(" "));
@@ -38,7 +39,10 @@ pub fn install_deps(root: &Path) -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        eprintln!("test dependencies present: {:?}", DEBIAN_PACKAGES.iter().map(|p| p.1).collect::<Vec<_>>());
+        eprintln!(
+            "test dependencies present: {:?}",
+            DEBIAN_PACKAGES.iter().map(|p| p.1).collect::<Vec<_>>()
+        );
         return Ok(());
     }
     let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
@@ -66,28 +70,60 @@ fn is_root() -> bool {
 pub fn tidy(root: &Path) -> Result<()> {
     // ARCHITECTURE.md: "format never touches the network": no async runtime, no HTTP, no kube.
     let out = Command::new("cargo")
-        .args(["tree", "-p", "bundle-format", "-e", "normal", "--prefix", "none"])
+        .args([
+            "tree",
+            "-p",
+            "bundle-format",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
         .current_dir(root)
         .output()
         .context("cargo tree")?;
     if !out.status.success() {
-        bail!("cargo tree -p bundle-format failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo tree -p bundle-format failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let tree = String::from_utf8_lossy(&out.stdout);
-    for banned in ["tokio ", "hyper ", "reqwest ", "kube ", "bundle-layout ", "bundle-cli "] {
+    for banned in [
+        "tokio ",
+        "hyper ",
+        "reqwest ",
+        "kube ",
+        "bundle-layout ",
+        "bundle-cli ",
+    ] {
         if let Some(line) = tree.lines().find(|l| l.starts_with(banned)) {
-            bail!("tidy: bundle-format must not depend on {}: found {line}", banned.trim());
+            bail!(
+                "tidy: bundle-format must not depend on {}: found {line}",
+                banned.trim()
+            );
         }
     }
     let out = Command::new("cargo")
-        .args(["tree", "-p", "bundle-layout", "-e", "normal", "--prefix", "none"])
+        .args([
+            "tree",
+            "-p",
+            "bundle-layout",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
         .current_dir(root)
         .output()
         .context("cargo tree")?;
     let tree = String::from_utf8_lossy(&out.stdout);
     for banned in ["tokio ", "hyper ", "kube "] {
         if let Some(line) = tree.lines().find(|l| l.starts_with(banned)) {
-            bail!("tidy: bundle-layout reads local files only, must not depend on {}: {line}", banned.trim());
+            bail!(
+                "tidy: bundle-layout reads local files only, must not depend on {}: {line}",
+                banned.trim()
+            );
         }
     }
     eprintln!("tidy: ok (bundle-format and bundle-layout have no network or async dependencies)");
@@ -97,6 +133,14 @@ pub fn tidy(root: &Path) -> Result<()> {
 /// Builds the fuzz targets with cargo-fuzz on nightly and runs each briefly on a seed corpus.
 pub fn fuzz(root: &Path, seconds: u32) -> Result<()> {
     if !Command::new("cargo")
+        .args(["+nightly", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("fuzz: SKIPPED: no nightly toolchain on this machine (cargo-fuzz needs one)");
+        return Ok(());
+    }
+    if !Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
         .is_ok_and(|o| o.status.success())
@@ -104,7 +148,12 @@ pub fn fuzz(root: &Path, seconds: u32) -> Result<()> {
         run(root, "cargo", &["install", "cargo-fuzz", "--locked"], &[])?;
     }
     let fuzz = root.join("fuzz");
-    run(&fuzz, "cargo", &["+nightly", "fuzz", "build", "archive_reader"], &[])?;
+    run(
+        &fuzz,
+        "cargo",
+        &["+nightly", "fuzz", "build", "archive_reader"],
+        &[],
+    )?;
     let corpus = fuzz.join("corpus").join("archive_reader");
     std::fs::create_dir_all(&corpus)?;
     let golden = root.join("testdata/golden/golden.bundle");
@@ -117,7 +166,15 @@ pub fn fuzz(root: &Path, seconds: u32) -> Result<()> {
     run(
         &fuzz,
         "cargo",
-        &["+nightly", "fuzz", "run", "archive_reader", "--", &max_time, "-rss_limit_mb=2048"],
+        &[
+            "+nightly",
+            "fuzz",
+            "run",
+            "archive_reader",
+            "--",
+            &max_time,
+            "-rss_limit_mb=2048",
+        ],
         &[],
     )
 }
@@ -126,7 +183,19 @@ pub fn fuzz(root: &Path, seconds: u32) -> Result<()> {
 pub fn ci(root: &Path) -> Result<()> {
     install_deps(root)?;
     run(root, "cargo", &["fmt", "--all", "--check"], &[])?;
-    run(root, "cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
+    run(
+        root,
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
     run(
         root,
         "cargo",

@@ -1,1 +1,63 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`. It depends on no workspace crate: it
+//! builds the binaries with cargo and shells out to them, so it keeps working while a crate
+//! is broken and never drags library code into its own build.
+
+mod bench;
+mod ci;
+mod quickstart;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  quickstart              build bundle, make the small test images under quickstart-out/ and
+                          create, verify, inspect and extract a demo archive (no network, no
+                          cluster)
+  bench [--bytes N] [--runs N]
+                          measure bundle against tar + zstd, openssl sha256 and tar -x on a
+                          generated image set of N bytes (default 1G, cached under
+                          target/bench-data); best of N runs (default 2)
+  ci                      install the test peers (Debian: skopeo, umoci, zstd; cargo-fuzz)
+                          and run fmt, clippy, docs, tidy, a fuzz run and every test
+  tidy                    check the architecture invariants (ARCHITECTURE.md)
+  fuzz [SECONDS]          build the fuzz targets (nightly) and run each for SECONDS (30)
+  help                    print this message";
+
+fn fuzz_seconds(rest: &[String]) -> u32 {
+    rest.first().and_then(|s| s.parse().ok()).unwrap_or(30)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
+    let result = match args.first().map(String::as_str) {
+        Some("quickstart") => quickstart::run(rest),
+        Some("bench") => bench::run(rest),
+        Some("ci") => ci::ci(&util::root()),
+        Some("tidy") => ci::tidy(&util::root()),
+        Some("fuzz") => ci::fuzz(&util::root(), fuzz_seconds(rest)),
+        Some("help" | "-h" | "--help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("xtask: unknown command {other:?}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+        None => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if util::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

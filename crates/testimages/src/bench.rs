@@ -155,7 +155,10 @@ struct FileSource {
 }
 
 fn sorted_children(dir: &Path) -> Option<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     v.sort();
     Some(v)
 }
@@ -202,7 +205,11 @@ impl FileSource {
                     return Ok(SourceFile {
                         tar_path,
                         size: meta.len(),
-                        mode: if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 },
+                        mode: if meta.permissions().mode() & 0o111 != 0 {
+                            0o755
+                        } else {
+                            0o644
+                        },
                         src: path,
                     });
                 }
@@ -232,7 +239,8 @@ impl FileSource {
         while used < budget {
             let f = self.next()?;
             let cost = tar_cost(f.size);
-            if !files.is_empty() && used + cost > budget {
+            // Take the file when that lands nearer the budget than stopping short does.
+            if !files.is_empty() && used + cost > budget && used + cost - budget > budget - used {
                 self.peeked = Some(f);
                 break;
             }
@@ -247,7 +255,9 @@ impl FileSource {
 enum Content {
     Files(Vec<SourceFile>),
     /// `bytes` of pseudo-random data in files of 1 MiB.
-    Random { bytes: u64 },
+    Random {
+        bytes: u64,
+    },
 }
 
 struct Job {
@@ -277,11 +287,18 @@ impl SplitMix {
 /// Appends the directories on the way to `parent` that `open` (the chain emitted last) lacks.
 fn enter_dirs(b: &mut LayerTar, open: &mut Vec<PathBuf>, parent: &Path) -> std::io::Result<()> {
     let chain: Vec<&Path> = {
-        let mut v: Vec<&Path> = parent.ancestors().filter(|p| !p.as_os_str().is_empty()).collect();
+        let mut v: Vec<&Path> = parent
+            .ancestors()
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
         v.reverse();
         v
     };
-    let common = open.iter().zip(&chain).take_while(|(a, b)| a.as_path() == **b).count();
+    let common = open
+        .iter()
+        .zip(&chain)
+        .take_while(|(a, b)| a.as_path() == **b)
+        .count();
     open.truncate(common);
     for dir in &chain[common..] {
         append_dir(b, dir)?;
@@ -376,7 +393,9 @@ fn write(dir: &Path, target: u64) -> Result<BenchSet> {
             break;
         }
         let want_tar = (left as f64 * sum_u as f64 / sum_c as f64) as u64;
-        let n = (want_tar.div_ceil(layer_cap) as usize).clamp(1, ROUND).max(3usize.saturating_sub(app.len()));
+        let n = (want_tar.div_ceil(layer_cap) as usize)
+            .clamp(1, ROUND)
+            .max(3usize.saturating_sub(app.len()));
         let per = (want_tar / n as u64).clamp(64 << 10, layer_cap);
         let jobs = (0..n)
             .map(|_| {
@@ -409,7 +428,9 @@ fn write(dir: &Path, target: u64) -> Result<BenchSet> {
     ];
     let mut images = Vec::new();
     for (title, layers) in &specs {
-        let history: Vec<String> = (0..layers.len()).map(|i| format!("bundle-testimages bench {title} layer {i}")).collect();
+        let history: Vec<String> = (0..layers.len())
+            .map(|i| format!("bundle-testimages bench {title} layer {i}"))
+            .collect();
         let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
         let config = config_json(
             &ConfigSpec {
@@ -438,7 +459,10 @@ fn write(dir: &Path, target: u64) -> Result<BenchSet> {
     let yaml = |name: &str, imgs: &[&BenchImage]| {
         let mut s = format!("name: {name}\nversion: 1.0.0\nimages:\n");
         for i in imgs {
-            s.push_str(&format!("  - name: {}\n    source: oci-layout:layout:{}\n", i.name, i.tag));
+            s.push_str(&format!(
+                "  - name: {}\n    source: oci-layout:layout:{}\n",
+                i.name, i.tag
+            ));
         }
         s
     };
@@ -446,7 +470,10 @@ fn write(dir: &Path, target: u64) -> Result<BenchSet> {
         unreachable!("the plain image is always built")
     };
     for (file, text) in [
-        ("bundle.yaml", yaml("bench", &images.iter().collect::<Vec<_>>())),
+        (
+            "bundle.yaml",
+            yaml("bench", &images.iter().collect::<Vec<_>>()),
+        ),
         ("bundle-plain.yaml", yaml("bench-plain", &[plain_img])),
     ] {
         let p = dir.join(file);
@@ -456,7 +483,10 @@ fn write(dir: &Path, target: u64) -> Result<BenchSet> {
     let mut distinct: Vec<&Descriptor> = images.iter().flat_map(|i| &i.layers).collect();
     distinct.sort_by(|x, y| x.digest.cmp(&y.digest));
     distinct.dedup_by(|x, y| x.digest == y.digest);
-    let mut plain_blobs = vec![plain_img.manifest.layout_path(), plain_img.config.layout_path()];
+    let mut plain_blobs = vec![
+        plain_img.manifest.layout_path(),
+        plain_img.config.layout_path(),
+    ];
     plain_blobs.extend(plain_img.layers.iter().map(Descriptor::layout_path));
     Ok(BenchSet {
         dir: PathBuf::new(),

@@ -62,7 +62,8 @@ fn parse(args: &[String]) -> Result<Cli, String> {
                     None if a == "--bytes" => it.next().ok_or("--bytes needs a value")?,
                     None => return Err(format!("unexpected argument {a:?}")),
                 };
-                bytes = parse_size(v).ok_or_else(|| format!("--bytes: cannot read {v:?} as a size"))?;
+                bytes =
+                    parse_size(v).ok_or_else(|| format!("--bytes: cannot read {v:?} as a size"))?;
             }
             Ok(Cli::Bench(dir.to_owned(), bytes))
         }
@@ -99,9 +100,16 @@ fn main() -> ExitCode {
         }
         Cli::Small(dir) => small_set(Path::new(&dir)).map(|set| {
             let verb = if set.reused { "reused" } else { "wrote" };
-            println!("{verb} small set in {} ({} images)", set.dir.display(), set.images.len());
+            println!(
+                "{verb} small set in {} ({} images)",
+                set.dir.display(),
+                set.images.len()
+            );
             for i in &set.images {
-                let digest = i.descriptor.as_ref().map_or("(docker-archive, no manifest)", |d| d.digest.as_str());
+                let digest = i
+                    .descriptor
+                    .as_ref()
+                    .map_or("(docker-archive, no manifest)", |d| d.digest.as_str());
                 println!("  {:<45} {:<32} {digest}", i.name, i.source);
             }
         }),
@@ -116,13 +124,22 @@ fn main() -> ExitCode {
             );
             for i in &set.images {
                 let size: u64 = i.layers.iter().map(|l| l.size).sum();
-                println!("  {:<40} {:>3} layers {:>13} bytes  {}", i.name, i.layers.len(), size, i.manifest.digest);
+                println!(
+                    "  {:<40} {:>3} layers {:>13} bytes  {}",
+                    i.name,
+                    i.layers.len(),
+                    size,
+                    i.manifest.digest
+                );
             }
         }),
     };
     match result {
         Ok(()) => {
-            println!("done in {:.1?}; parameters and digests in {MARKER}", start.elapsed());
+            println!(
+                "done in {:.1?}; parameters and digests in {MARKER}",
+                start.elapsed()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

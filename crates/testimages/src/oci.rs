@@ -186,7 +186,10 @@ pub(crate) fn append_file<W: Write>(
     b.append_data(&mut h, path, data)
 }
 
-pub(crate) fn append_dir<W: Write>(b: &mut tar::Builder<W>, path: impl AsRef<Path>) -> io::Result<()> {
+pub(crate) fn append_dir<W: Write>(
+    b: &mut tar::Builder<W>,
+    path: impl AsRef<Path>,
+) -> io::Result<()> {
     let mut h = header(tar::EntryType::Directory, 0o755, 0);
     b.append_data(&mut h, path, io::empty())
 }
@@ -194,7 +197,11 @@ pub(crate) fn append_dir<W: Write>(b: &mut tar::Builder<W>, path: impl AsRef<Pat
 /// An in-memory tar entry.
 pub(crate) enum Entry {
     Dir(String),
-    File { path: String, mode: u32, data: Vec<u8> },
+    File {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
 }
 
 impl Entry {
@@ -213,23 +220,16 @@ impl Entry {
 }
 
 /// A tar of `entries`, sorted by path whatever order they come in.
-pub(crate) fn tar_bytes(mut entries: Vec<Entry>) -> Vec<u8> {
+pub(crate) fn tar_bytes(mut entries: Vec<Entry>) -> io::Result<Vec<u8>> {
     entries.sort_by(|a, b| a.path().cmp(b.path()));
     let mut b = tar::Builder::new(Vec::new());
     for e in &entries {
-        // Writing to a Vec fails only on a path tar cannot encode; ours are short ASCII.
-        let res = match e {
-            Entry::Dir(p) => append_dir(&mut b, p),
-            Entry::File { path, mode, data } => append_file(&mut b, path, *mode, data),
-        };
-        if let Err(err) = res {
-            unreachable!("tar entry {:?}: {err}", e.path());
+        match e {
+            Entry::Dir(p) => append_dir(&mut b, p)?,
+            Entry::File { path, mode, data } => append_file(&mut b, path, *mode, data)?,
         }
     }
-    match b.into_inner() {
-        Ok(v) => v,
-        Err(err) => unreachable!("finishing an in-memory tar: {err}"),
-    }
+    b.into_inner()
 }
 
 fn gzip_builder() -> GzBuilder {
@@ -238,13 +238,10 @@ fn gzip_builder() -> GzBuilder {
 }
 
 /// gzip at level 6 with a fixed header (no mtime, no file name).
-pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
+pub(crate) fn gzip(data: &[u8]) -> io::Result<Vec<u8>> {
     let mut enc = gzip_builder().write(Vec::new(), Compression::new(6));
-    let res = enc.write_all(data).and_then(|()| enc.finish());
-    match res {
-        Ok(v) => v,
-        Err(err) => unreachable!("gzip into memory: {err}"),
-    }
+    enc.write_all(data)?;
+    enc.finish()
 }
 
 /// Counts and hashes what passes through.
@@ -283,7 +280,7 @@ impl<W: Write> Write for HashWriter<W> {
 /// Where a streamed layer's tar goes.
 pub(crate) enum Sink {
     Plain(BufWriter<File>),
-    Gzip(GzEncoder<HashWriter<BufWriter<File>>>),
+    Gzip(Box<GzEncoder<HashWriter<BufWriter<File>>>>),
 }
 
 impl Write for Sink {
@@ -363,7 +360,9 @@ impl Layout {
         let io_err = |e| Error::io(&tmp, e);
         let file = BufWriter::with_capacity(1 << 20, File::create(&tmp).map_err(io_err)?);
         let sink = if gzip {
-            Sink::Gzip(gzip_builder().write(HashWriter::new(file), Compression::new(6)))
+            Sink::Gzip(Box::new(
+                gzip_builder().write(HashWriter::new(file), Compression::new(6)),
+            ))
         } else {
             Sink::Plain(file)
         };
@@ -382,7 +381,12 @@ impl Layout {
         };
         file.into_inner().map_err(|e| io_err(e.into_error()))?;
         let desc = Descriptor {
-            media_type: if gzip { MEDIA_LAYER_GZIP } else { MEDIA_LAYER_TAR }.to_owned(),
+            media_type: if gzip {
+                MEDIA_LAYER_GZIP
+            } else {
+                MEDIA_LAYER_TAR
+            }
+            .to_owned(),
             digest,
             size,
         };
@@ -421,7 +425,7 @@ mod tests {
 
     #[test]
     fn gzip_header_is_fixed() {
-        let gz = gzip(b"hello");
+        let gz = gzip(b"hello").expect("gzip");
         // magic, deflate, no flags, mtime 0, xfl 0 (level 6), os 255
         assert_eq!(&gz[..10], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
     }
@@ -432,7 +436,8 @@ mod tests {
             Entry::file("b", 0o644, "2"),
             Entry::Dir("a/".into()),
             Entry::file("a/x", 0o755, "1"),
-        ]);
+        ])
+        .expect("tar");
         let mut ar = tar::Archive::new(&tar[..]);
         let mut seen = Vec::new();
         for e in ar.entries().expect("entries") {

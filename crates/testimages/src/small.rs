@@ -2,6 +2,7 @@
 //! the same on every run.
 
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -125,10 +126,10 @@ struct LayerBytes {
 }
 
 impl LayerBytes {
-    fn new(entries: Vec<Entry>) -> Self {
-        let tar = tar_bytes(entries);
-        let gz = gzip(&tar);
-        LayerBytes { tar, gz }
+    fn new(entries: Vec<Entry>) -> io::Result<Self> {
+        let tar = tar_bytes(entries)?;
+        let gz = gzip(&tar)?;
+        Ok(LayerBytes { tar, gz })
     }
 }
 
@@ -139,31 +140,60 @@ fn dirs(paths: &[&str]) -> impl Iterator<Item = Entry> {
 /// Deterministic filler text, so that layers have something to compress.
 fn text(title: &str, lines: usize) -> String {
     (0..lines)
-        .map(|i| format!("{title} line {i:04}: the quick brown fox jumps over the lazy dog {}\n", i * 7919 % 1000))
+        .map(|i| {
+            format!(
+                "{title} line {i:04}: the quick brown fox jumps over the lazy dog {}\n",
+                i * 7919 % 1000
+            )
+        })
         .collect()
 }
 
-fn base_layer() -> LayerBytes {
-    let mut e: Vec<Entry> = dirs(&["bin/", "etc/", "usr/", "usr/share/", "usr/share/doc/", "usr/share/doc/base/"]).collect();
+fn base_layer() -> io::Result<LayerBytes> {
+    let mut e: Vec<Entry> = dirs(&[
+        "bin/",
+        "etc/",
+        "usr/",
+        "usr/share/",
+        "usr/share/doc/",
+        "usr/share/doc/base/",
+    ])
+    .collect();
     e.extend([
-        Entry::file("bin/hello", 0o755, "#!/bin/sh\necho \"hello from bundle-testimages\"\n"),
+        Entry::file(
+            "bin/hello",
+            0o755,
+            "#!/bin/sh\necho \"hello from bundle-testimages\"\n",
+        ),
         Entry::file("etc/group", 0o644, "root:x:0:\n"),
         Entry::file("etc/hostname", 0o644, "testimage\n"),
-        Entry::file("etc/os-release", 0o644, "NAME=\"bundle test image\"\nID=bundle-test\nVERSION_ID=1\n"),
+        Entry::file(
+            "etc/os-release",
+            0o644,
+            "NAME=\"bundle test image\"\nID=bundle-test\nVERSION_ID=1\n",
+        ),
         Entry::file("etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\n"),
         Entry::file("usr/share/doc/base/README", 0o644, text("base", 64)),
     ]);
     LayerBytes::new(e)
 }
 
-fn app_layer(name: &str, arch: &str) -> LayerBytes {
+fn app_layer(name: &str, arch: &str) -> io::Result<LayerBytes> {
     let d = format!("{name}/");
     let mut e = vec![Entry::Dir(d.clone())];
     e.extend([
         Entry::file(&format!("{d}arch"), 0o644, format!("{arch}\n")),
-        Entry::file(&format!("{d}config.json"), 0o644, format!("{{\"greeting\":\"hello\",\"image\":\"{name}\"}}\n")),
+        Entry::file(
+            &format!("{d}config.json"),
+            0o644,
+            format!("{{\"greeting\":\"hello\",\"image\":\"{name}\"}}\n"),
+        ),
         Entry::file(&format!("{d}data.txt"), 0o644, text(name, 32)),
-        Entry::file(&format!("{d}run.sh"), 0o755, format!("#!/bin/sh\nexec /bin/hello {name}\n")),
+        Entry::file(
+            &format!("{d}run.sh"),
+            0o755,
+            format!("#!/bin/sh\nexec /bin/hello {name}\n"),
+        ),
     ]);
     LayerBytes::new(e)
 }
@@ -193,7 +223,9 @@ fn image(
         descs.push(d);
         diff_ids.push(digest_of(&l.tar));
     }
-    let history: Vec<String> = (0..layers.len()).map(|i| format!("bundle-testimages {title} layer {i}")).collect();
+    let history: Vec<String> = (0..layers.len())
+        .map(|i| format!("bundle-testimages {title} layer {i}"))
+        .collect();
     let cmd = format!("/{title}/run.sh");
     let config = config_json(
         &ConfigSpec {
@@ -223,19 +255,39 @@ fn image(
 }
 
 fn write(dir: &Path) -> Result<SmallSet> {
-    let base = base_layer();
-    let app = app_layer("app", "amd64");
-    let multi_amd64 = app_layer("multi", "amd64");
-    let multi_arm64 = app_layer("multi", "arm64");
-    let plain = app_layer("plain", "amd64");
+    // In-memory tars of short ASCII paths; an error here names the layout being written.
+    let in_layout = |e| Error::io(&dir.join("layout"), e);
+    let base = base_layer().map_err(in_layout)?;
+    let app = app_layer("app", "amd64").map_err(in_layout)?;
+    let multi_amd64 = app_layer("multi", "amd64").map_err(in_layout)?;
+    let multi_arm64 = app_layer("multi", "arm64").map_err(in_layout)?;
+    let plain = app_layer("plain", "amd64").map_err(in_layout)?;
 
     let mut layout = Layout::create(&dir.join("layout"))?;
     let app_img = image(&layout, "amd64", "app", &[(&base, true), (&app, true)])?;
-    let m_amd = image(&layout, "amd64", "multi", &[(&base, true), (&multi_amd64, true)])?;
-    let m_arm = image(&layout, "arm64", "multi", &[(&base, true), (&multi_arm64, true)])?;
-    let plain_img = image(&layout, "amd64", "plain", &[(&base, false), (&plain, false)])?;
+    let m_amd = image(
+        &layout,
+        "amd64",
+        "multi",
+        &[(&base, true), (&multi_amd64, true)],
+    )?;
+    let m_arm = image(
+        &layout,
+        "arm64",
+        "multi",
+        &[(&base, true), (&multi_arm64, true)],
+    )?;
+    let plain_img = image(
+        &layout,
+        "amd64",
+        "plain",
+        &[(&base, false), (&plain, false)],
+    )?;
     let app_desc = app_img.manifest.clone();
-    let multi_index = image_index_json(&[(m_amd.manifest.clone(), "amd64"), (m_arm.manifest.clone(), "arm64")]);
+    let multi_index = image_index_json(&[
+        (m_amd.manifest.clone(), "amd64"),
+        (m_arm.manifest.clone(), "arm64"),
+    ]);
     let multi_desc = layout.put_json(MEDIA_INDEX, &multi_index)?;
     let plain_desc = plain_img.manifest.clone();
     layout.tag("app-1.0", &app_desc);
@@ -255,7 +307,12 @@ fn write(dir: &Path) -> Result<SmallSet> {
     };
     let images = vec![
         oci("app", "app-1.0", &app_desc, vec![app_img.info.clone()]),
-        oci("multi", "multi-1.0", &multi_desc, vec![m_amd.info, m_arm.info]),
+        oci(
+            "multi",
+            "multi-1.0",
+            &multi_desc,
+            vec![m_amd.info, m_arm.info],
+        ),
         oci("plain", "plain-1.0", &plain_desc, vec![plain_img.info]),
         ImageInfo {
             name: "registry.example/team/from-oci-archive:1.0".into(),
@@ -300,9 +357,15 @@ fn write_oci_archive(path: &Path, img: &Built, layers: &[&LayerBytes]) -> Result
     for (d, l) in img.info.layers.iter().zip(layers) {
         e.push(blob(d.hex(), &l.gz));
     }
-    e.push(Entry::file("index.json", 0o644, canonical_json(&layout_index_json(&[("app-1.0".into(), desc.clone())]))));
+    e.push(Entry::file(
+        "index.json",
+        0o644,
+        canonical_json(&layout_index_json(&[("app-1.0".into(), desc.clone())])),
+    ));
     e.push(Entry::file("oci-layout", 0o644, OCI_LAYOUT));
-    fs::write(path, tar_bytes(e)).map_err(|err| Error::io(path, err))
+    tar_bytes(e)
+        .and_then(|bytes| fs::write(path, bytes))
+        .map_err(|err| Error::io(path, err))
 }
 
 /// A `docker save` archive: `manifest.json`, `repositories`, `<config hex>.json` and one
@@ -310,22 +373,36 @@ fn write_oci_archive(path: &Path, img: &Built, layers: &[&LayerBytes]) -> Result
 /// `layer.tar`.
 fn write_docker_archive(path: &Path, img: &Built, layers: &[&LayerBytes]) -> Result<ManifestInfo> {
     let config_hex = img.info.config.hex().to_owned();
-    let mut e = vec![Entry::file(&format!("{config_hex}.json"), 0o644, img.config_bytes.clone())];
+    let mut e = vec![Entry::file(
+        &format!("{config_hex}.json"),
+        0o644,
+        img.config_bytes.clone(),
+    )];
     let mut layer_paths = Vec::new();
     let mut descs = Vec::new();
     let mut parent: Option<String> = None;
     for (l, diff_id) in layers.iter().zip(&img.info.diff_ids) {
         // Legacy v1 ids chain each layer to its parent, as docker's did.
         let chain = format!("{}\n{diff_id}", parent.as_deref().unwrap_or(""));
-        let id = digest_of(chain.as_bytes()).trim_start_matches("sha256:").to_owned();
+        let id = digest_of(chain.as_bytes())
+            .trim_start_matches("sha256:")
+            .to_owned();
         let mut v1 = json!({"id": id, "created": "1970-01-01T00:00:00Z", "container_config": {}});
         if let Some(p) = &parent {
             v1["parent"] = json!(p);
         }
         e.push(Entry::Dir(format!("{id}/")));
         e.push(Entry::file(&format!("{id}/VERSION"), 0o644, "1.0"));
-        e.push(Entry::file(&format!("{id}/json"), 0o644, canonical_json(&v1)));
-        e.push(Entry::file(&format!("{id}/layer.tar"), 0o644, l.tar.clone()));
+        e.push(Entry::file(
+            &format!("{id}/json"),
+            0o644,
+            canonical_json(&v1),
+        ));
+        e.push(Entry::file(
+            &format!("{id}/layer.tar"),
+            0o644,
+            l.tar.clone(),
+        ));
         layer_paths.push(format!("{id}/layer.tar"));
         descs.push(Descriptor {
             media_type: DOCKER_LAYER.into(),
@@ -339,10 +416,20 @@ fn write_docker_archive(path: &Path, img: &Built, layers: &[&LayerBytes]) -> Res
         "Layers": layer_paths,
         "RepoTags": ["example.com/app:1.0"],
     }]);
-    e.push(Entry::file("manifest.json", 0o644, canonical_json(&manifest)));
+    e.push(Entry::file(
+        "manifest.json",
+        0o644,
+        canonical_json(&manifest),
+    ));
     let repositories = json!({"example.com/app": {"1.0": parent}});
-    e.push(Entry::file("repositories", 0o644, canonical_json(&repositories)));
-    fs::write(path, tar_bytes(e)).map_err(|err| Error::io(path, err))?;
+    e.push(Entry::file(
+        "repositories",
+        0o644,
+        canonical_json(&repositories),
+    ));
+    tar_bytes(e)
+        .and_then(|bytes| fs::write(path, bytes))
+        .map_err(|err| Error::io(path, err))?;
     Ok(ManifestInfo {
         platform: img.info.platform.clone(),
         manifest: None,
