@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use rayon::prelude::*;
 use serde::Serialize;
 use serde_bytes::ByteArray;
 
@@ -280,40 +279,29 @@ fn plan(input: &BundleInput) -> Result<Vec<Member>> {
 
 /// One frame's worth of the tar stream, before compression.
 struct Job {
+    frame: u32,
     data: Vec<u8>,
-    /// The bytes of `data` that are blob content, to be hashed.
-    content: std::ops::Range<usize>,
-    /// Set on the last frame of a blob: the index of that member.
-    ends_blob: Option<usize>,
 }
 
-const WINDOW_BYTES: usize = 16 << 20;
-
-/// Reads members in order and cuts the tar stream into frames. Sends windows of frames in
-/// stream order; stops quietly when the receiver hangs up.
-fn produce(members: &[Member], tx: mpsc::SyncSender<Vec<Job>>) -> Result<()> {
-    let mut window: Vec<Job> = Vec::new();
-    let mut window_bytes = 0usize;
+/// Reads members in order, cuts the tar stream into frames and sends them numbered in stream
+/// order. Hashes blob content as it is read: a blob that does not match its digest ends the
+/// stream with an error. Stops quietly when the receivers hang up.
+fn produce(members: &[Member], tx: mpsc::SyncSender<Job>) -> Result<()> {
     let mut open: Option<(PathBuf, File)> = None;
-    let mut send = |job: Job, window: &mut Vec<Job>, flush: bool| -> bool {
-        window_bytes += job.data.len();
-        window.push(job);
-        if window_bytes >= WINDOW_BYTES || flush {
-            window_bytes = 0;
-            return tx.send(std::mem::take(window)).is_ok();
-        }
-        true
+    let mut frame: u32 = 0;
+    let mut send = |data: Vec<u8>| -> bool {
+        let job = Job { frame, data };
+        frame += 1;
+        tx.send(job).is_ok()
     };
     let chunk = CHUNK as usize;
-    for (mi, m) in members.iter().enumerate() {
+    for m in members {
         let size = m.size();
-        let is_blob = matches!(m, Member::Blob(_));
+        let mut hasher = Hasher::new();
         let mut buf = Vec::with_capacity(chunk);
         buf.extend_from_slice(&tar::header(&m.tar_path(), size));
-        let mut content_start = buf.len();
         let mut done: u64 = 0;
-        let pad = (tar::padded(size) - size) as usize;
-        let mut pad_left = pad;
+        let mut pad_left = (tar::padded(size) - size) as usize;
         loop {
             // Fill the frame with content, then padding.
             if done < size && buf.len() < chunk {
@@ -321,42 +309,49 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Vec<Job>>) -> Result<()> {
                 let start = buf.len();
                 buf.resize(start + n, 0);
                 fill(m, &mut buf[start..], done, &mut open)?;
+                hasher.update(&buf[start..]);
                 done += n as u64;
             }
-            let content_end = buf.len();
             if done == size && pad_left > 0 && buf.len() < chunk {
                 let n = pad_left.min(chunk - buf.len());
                 buf.resize(buf.len() + n, 0);
                 pad_left -= n;
             }
             let last = done == size && pad_left == 0;
-            if buf.len() == chunk || last {
-                let job = Job {
-                    data: std::mem::replace(&mut buf, Vec::with_capacity(chunk)),
-                    content: if is_blob {
-                        content_start..content_end
-                    } else {
-                        0..0
-                    },
-                    ends_blob: (is_blob && last).then_some(mi),
-                };
-                content_start = 0;
-                if !send(job, &mut window, false) {
+            if last {
+                check_blob(m, hasher)?;
+                if !send(buf) {
                     return Ok(());
                 }
-            }
-            if last {
                 break;
+            }
+            if buf.len() == chunk && !send(std::mem::replace(&mut buf, Vec::with_capacity(chunk))) {
+                return Ok(());
             }
         }
     }
-    let end = Job {
-        data: vec![0u8; END_LEN],
-        content: 0..0,
-        ends_blob: None,
-    };
-    send(end, &mut window, true);
+    send(vec![0u8; END_LEN]);
     Ok(())
+}
+
+/// Checks a blob's content digest once all of it has been read.
+fn check_blob(m: &Member, hasher: Hasher) -> Result<()> {
+    let Member::Blob(b) = m else {
+        return Ok(());
+    };
+    let found = hasher.finish();
+    if found == b.digest {
+        return Ok(());
+    }
+    let place = match &b.content {
+        Content::Bytes(_) => "generated".to_owned(),
+        Content::File { path, offset } => format!("{} at offset {offset}", path.display()),
+    };
+    Err(Error::BlobDigest {
+        expected: b.digest,
+        found,
+        place,
+    })
 }
 
 /// Reads content bytes `done..done + out.len()` of a member into `out`.
@@ -398,32 +393,6 @@ fn fill(m: &Member, out: &mut [u8], done: u64, open: &mut Option<(PathBuf, File)
                 })?;
             }
         },
-    }
-    Ok(())
-}
-
-/// Hashes the blob content of a window, in stream order, checking each blob that ends in it.
-fn hash_window(window: &[Job], members: &[Member], hasher: &mut Hasher) -> Result<()> {
-    for job in window {
-        hasher.update(&job.data[job.content.clone()]);
-        if let Some(mi) = job.ends_blob {
-            let found = std::mem::take(hasher).finish();
-            if let Member::Blob(b) = &members[mi]
-                && found != b.digest
-            {
-                let place = match &b.content {
-                    Content::Bytes(_) => "generated".to_owned(),
-                    Content::File { path, offset } => {
-                        format!("{} at offset {offset}", path.display())
-                    }
-                };
-                return Err(Error::BlobDigest {
-                    expected: b.digest,
-                    found,
-                    place,
-                });
-            }
-        }
     }
     Ok(())
 }
@@ -595,7 +564,13 @@ struct PartWriter<'a> {
     parts: Vec<PartFile>,
     frames: Vec<Frame>,
     guard: TempGuard,
+    /// Hands a file to the syncer thread, which starts writeback of what was written so far.
+    syncer: Option<mpsc::SyncSender<File>>,
+    unsynced: u64,
 }
+
+/// Bytes written between background syncs.
+const SYNC_EVERY: u64 = 64 << 20;
 
 impl PartWriter<'_> {
     fn new_part(&mut self, first_frame: u32) -> Result<()> {
@@ -659,73 +634,95 @@ impl PartWriter<'_> {
         ));
         part.size += csize;
         part.frames += 1;
+        self.unsynced += csize;
+        if self.unsynced >= SYNC_EVERY
+            && let Some(syncer) = &self.syncer
+        {
+            self.unsynced = 0;
+            part.file.flush().map_err(|e| Error::io(&part.tmp, e))?;
+            if let Ok(f) = part.file.get_ref().try_clone() {
+                // A busy syncer just means this round is skipped.
+                let _ = syncer.try_send(f);
+            }
+        }
         Ok(())
     }
 }
 
-/// Runs the pipeline: a reader thread cuts frames; for each window, rayon compresses and
-/// hashes frames in parallel while the blob digests are checked in stream order; a writer
-/// thread appends the frames to the parts.
+/// Runs the pipeline: a reader thread cuts frames and checks blob digests; worker threads
+/// (as many as rayon would use) compress and hash frames; this thread puts the frames back in
+/// order and appends them to the parts, while a syncer thread flushes written data to disk
+/// in the background so that the final fsync is short.
 fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Result<()> {
-    let (tx, rx) = mpsc::sync_channel::<Vec<Job>>(2);
-    let (wtx, wrx) = mpsc::sync_channel::<Vec<Compressed>>(2);
+    let workers = rayon::current_num_threads().max(1);
+    let (jtx, jrx) = mpsc::sync_channel::<Job>(workers * 2);
+    let jrx = std::sync::Arc::new(std::sync::Mutex::new(jrx));
+    let (rtx, rrx) = mpsc::sync_channel::<Result<Compressed>>(workers * 2);
+    let (stx, srx) = mpsc::sync_channel::<File>(1);
     std::thread::scope(|s| -> Result<()> {
-        let producer = s.spawn(|| produce(members, tx));
-        let writer_thread = s.spawn(move || -> Result<()> {
-            for batch in wrx.iter() {
-                for c in batch {
-                    writer.push(c)?;
+        let producer = s.spawn(|| produce(members, jtx));
+        for _ in 0..workers {
+            // Each worker owns a handle on the job queue, so the queue closes (and the
+            // producer stops) when the workers are gone.
+            let jrx = std::sync::Arc::clone(&jrx);
+            let rtx = rtx.clone();
+            s.spawn(move || {
+                loop {
+                    let next = match jrx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = next else { return };
+                    let res = compress(&job.data, level, job.frame).map(|bytes| Compressed {
+                        frame: job.frame,
+                        sha: *Digest::of(&bytes).as_bytes(),
+                        bytes,
+                        dsize: job.data.len() as u32,
+                    });
+                    if rtx.send(res).is_err() {
+                        return;
+                    }
                 }
+            });
+        }
+        drop(jrx);
+        drop(rtx);
+        s.spawn(move || {
+            for f in srx.iter() {
+                // Errors surface in the final fsync.
+                let _ = f.sync_data();
             }
-            Ok(())
         });
-        let mut hasher = Hasher::new();
+        writer.syncer = Some(stx);
+        let mut pending: BTreeMap<u32, Compressed> = BTreeMap::new();
         let mut next: u32 = 0;
         let mut result: Result<()> = Ok(());
-        for window in rx.iter() {
-            let base = next;
-            next += window.len() as u32;
-            let (hashed, compressed) = rayon::join(
-                || hash_window(&window, members, &mut hasher),
-                || {
-                    window
-                        .par_iter()
-                        .enumerate()
-                        .map(|(i, job)| {
-                            let frame = base + i as u32;
-                            let bytes = compress(&job.data, level, frame)?;
-                            let sha = *Digest::of(&bytes).as_bytes();
-                            Ok(Compressed {
-                                frame,
-                                bytes,
-                                sha,
-                                dsize: job.data.len() as u32,
-                            })
-                        })
-                        .collect::<Result<Vec<Compressed>>>()
-                },
-            );
-            let batch = match hashed.and(compressed) {
-                Ok(b) => b,
+        'recv: for r in rrx.iter() {
+            match r {
+                Ok(c) => {
+                    pending.insert(c.frame, c);
+                    while let Some(c) = pending.remove(&next) {
+                        next += 1;
+                        if let Err(e) = writer.push(c) {
+                            result = Err(e);
+                            break 'recv;
+                        }
+                    }
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
                 }
-            };
-            if wtx.send(batch).is_err() {
-                break;
             }
         }
-        drop(rx);
-        drop(wtx);
+        drop(rrx);
+        writer.syncer = None;
         let produced = producer
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        let written = writer_thread
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        // The first failure in stream order wins: reading, then checking, then writing.
-        produced.and(result).and(written)
+        // The first failure in stream order wins: reading and checking, then compressing
+        // and writing.
+        produced.and(result)
     })
 }
 
@@ -760,6 +757,8 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
         parts: Vec::new(),
         frames: Vec::with_capacity(total_frames as usize),
         guard: TempGuard(Vec::new()),
+        syncer: None,
+        unsynced: 0,
     };
     pipeline(&members, opts.level, &mut writer)?;
     let PartWriter {
