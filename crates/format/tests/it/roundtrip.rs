@@ -211,3 +211,40 @@ proptest! {
         prop_assert_eq!(&again, a.index());
     }
 }
+
+#[test]
+fn blob_reads_resume_at_any_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = mixed();
+    let out = support::write(dir.path(), "a.bundle", &input, None);
+    let a = Archive::open(&out).unwrap();
+    for b in &input.blobs {
+        let bundle_format::Content::Bytes(want) = &b.content else {
+            unreachable!()
+        };
+        let chunk = u64::from(bundle_format::CHUNK);
+        for off in [
+            0,
+            1,
+            511,
+            512,
+            chunk - 513,
+            chunk - 512,
+            chunk - 511,
+            chunk,
+            2 * chunk + 5,
+            b.size,
+        ] {
+            if off > b.size {
+                continue;
+            }
+            let mut got = Vec::new();
+            a.blob_from(&b.digest, off)
+                .unwrap()
+                .read_to_end(&mut got)
+                .unwrap();
+            assert_eq!(&got[..], &want[off as usize..], "{} at {off}", b.digest);
+        }
+        assert!(a.blob_from(&b.digest, b.size + 1).is_err());
+    }
+}

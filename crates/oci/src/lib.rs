@@ -1,0 +1,13 @@
+#![doc = include_str!("../README.md")]
+
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod reference;
+pub mod transport;
+
+pub use client::{Client, Repo, Scope};
+pub use error::{BoxError, Error, Result};
+pub use reference::Reference;
+pub use transport::{Direct, TlsOptions, Transport};

@@ -1,0 +1,221 @@
+//! How requests reach a registry. The client speaks HTTP through a [`Transport`]: today
+//! straight over TCP (with TLS), next through the Kubernetes API server (a port-forward tunnel
+//! or the pod proxy), without the client knowing the difference.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt as _;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::{BoxError, Error, Result};
+
+/// A request body.
+pub type ReqBody = UnsyncBoxBody<Bytes, BoxError>;
+/// A response body.
+pub type RespBody = UnsyncBoxBody<Bytes, BoxError>;
+/// A boxed future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Sends one HTTP request to a registry. The URI is absolute (`https://host:port/v2/...`);
+/// a tunnelling transport may route it elsewhere.
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `req` and returns the response head with a streaming body.
+    fn send(
+        &self,
+        req: Request<ReqBody>,
+    ) -> BoxFuture<'static, Result<Response<RespBody>, BoxError>>;
+}
+
+/// An empty request body.
+pub fn empty() -> ReqBody {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A request body of these bytes.
+pub fn full(bytes: impl Into<Bytes>) -> ReqBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// TLS and plain-HTTP settings.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// Hosts (`host[:port]`) to reach over plain HTTP or TLS without verification.
+    pub insecure: BTreeSet<String>,
+    /// Extra PEM files of CA certificates to trust, beside the system's.
+    pub ca_files: Vec<std::path::PathBuf>,
+}
+
+impl TlsOptions {
+    /// Whether `host` was named insecure. Loopback registries are not insecure by default:
+    /// name them, as with docker.
+    pub fn is_insecure(&self, host: &str) -> bool {
+        self.insecure.contains(host)
+    }
+}
+
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The direct transport: TCP, TLS by rustls with the system roots (plus `ca_files`), and an
+/// unverified TLS client for hosts named insecure. Connections are pooled and reused.
+#[derive(Clone)]
+pub struct Direct {
+    verified: HyperClient<Https, ReqBody>,
+    unverified: HyperClient<Https, ReqBody>,
+    insecure: Arc<BTreeSet<String>>,
+}
+
+fn load_pem(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let certs: std::result::Result<Vec<_>, _> =
+        rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?
+            .collect();
+    let certs = certs.map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Tls(format!(
+            "{}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl Direct {
+    /// Builds the transport.
+    pub fn new(opts: &TlsOptions) -> Result<Direct> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            // A broken system certificate should not stop registries that use others.
+            let _ = roots.add(cert);
+        }
+        for f in &opts.ca_files {
+            for cert in load_pem(f)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::Tls(format!("{}: {e}", f.display())))?;
+            }
+        }
+        let builder = || {
+            rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| Error::Tls(e.to_string()))
+        };
+        let verified_cfg = builder()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let unverified_cfg = builder()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(Arc::clone(&provider))))
+            .with_no_client_auth();
+        let connector = |cfg: rustls::ClientConfig| {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(std::time::Duration::from_secs(30)));
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(cfg)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http)
+        };
+        let client = |cfg| {
+            HyperClient::builder(TokioExecutor::new())
+                .pool_idle_timeout(std::time::Duration::from_secs(30))
+                .pool_max_idle_per_host(32)
+                .build(connector(cfg))
+        };
+        Ok(Direct {
+            verified: client(verified_cfg),
+            unverified: client(unverified_cfg),
+            insecure: Arc::new(opts.insecure.clone()),
+        })
+    }
+}
+
+impl Transport for Direct {
+    fn send(
+        &self,
+        req: Request<ReqBody>,
+    ) -> BoxFuture<'static, Result<Response<RespBody>, BoxError>> {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let client = if self.insecure.contains(&host) {
+            self.unverified.clone()
+        } else {
+            self.verified.clone()
+        };
+        Box::pin(async move {
+            let resp = client
+                .request(req)
+                .await
+                .map_err(|e| -> BoxError { Box::new(e) })?;
+            Ok(resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
+        })
+    }
+}
