@@ -1,0 +1,2 @@
+//! Integration tests against a real registry.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
