@@ -8,7 +8,9 @@ mod json;
 mod oci;
 mod store;
 
-use bundle_format::{BlobInput, ImageInput};
+use std::path::{Path, PathBuf};
+
+use bundle_format::{BlobInput, Digest, ImageInput};
 
 pub use error::{Error, Place, Result};
 pub use spec::{Platform, SourceSpec};
@@ -22,6 +24,41 @@ pub struct Resolved {
     pub blobs: Vec<BlobInput>,
     /// Things the user should know, e.g. that platform filtering changed the image digest.
     pub notes: Vec<String>,
+}
+
+/// Fetches blobs on demand for [`resolve_remote`]: a registry pull puts each manifest,
+/// index and config into a content-addressed directory as the walk asks for it, and names
+/// the path where each layer will be.
+pub trait BlobSource: Send + Sync {
+    /// The directory the blobs live in, for messages.
+    fn root(&self) -> &Path;
+    /// The path of blob `digest` of `size` bytes. For `role` "manifest", "image index" and
+    /// "config" the blob must be there, complete and verified, on return; for "layer" the
+    /// path may be where it will be once fetched.
+    fn locate(&self, digest: &Digest, size: u64, role: &str) -> Result<PathBuf>;
+}
+
+/// The top manifest or index of a remote image.
+#[derive(Debug, Clone)]
+pub struct Root {
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its media type.
+    pub media_type: String,
+}
+
+/// Like [`resolve`], for an image whose blobs come from `source` (a registry pull), starting
+/// at `root`. Platform filtering and its notes are the same as for local sources.
+pub fn resolve_remote(
+    name: &str,
+    root: &Root,
+    source: std::sync::Arc<dyn BlobSource>,
+    platforms: &[Platform],
+) -> Result<Resolved> {
+    let store = store::Store::Remote(source);
+    oci::resolve_remote(name, &store, root, platforms)
 }
 
 /// Reads the image `spec` names and returns it as writer input, under the reference `name`

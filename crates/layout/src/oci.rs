@@ -104,7 +104,33 @@ pub(crate) fn resolve(
     let entries = index.manifests.unwrap_or_default();
     let (i, chosen) = select(root, &entries, tag)?;
     let top = Ref::parse(chosen, &what, &format!("manifests[{i}]"))?;
+    resolve_root(name, store, &top, &format!("{what} manifests[{i}]"), filter)
+}
 
+/// Resolves the image whose top manifest or index is `root`.
+pub(crate) fn resolve_remote(
+    name: &str,
+    store: &Store,
+    root: &crate::Root,
+    filter: &[Platform],
+) -> Result<Resolved> {
+    let top = Ref {
+        digest: root.digest,
+        size: root.size,
+        media_type: Some(root.media_type.clone()),
+        platform: None,
+        attests: None,
+    };
+    resolve_root(name, store, &top, name, filter)
+}
+
+fn resolve_root(
+    name: &str,
+    store: &Store,
+    top: &Ref,
+    referrer: &str,
+    filter: &[Platform],
+) -> Result<Resolved> {
     let mut walk = Walk {
         store,
         filter,
@@ -113,8 +139,7 @@ pub(crate) fn resolve(
         available: BTreeSet::new(),
         kept_platforms: BTreeSet::new(),
     };
-    let referrer = format!("{what} manifests[{i}]");
-    let Some(node) = walk.visit(&top, &referrer, 0, !filter.is_empty())? else {
+    let Some(node) = walk.visit(top, referrer, 0, !filter.is_empty())? else {
         return Err(no_platform(name, filter, walk.available));
     };
     let mut notes = Vec::new();

@@ -255,6 +255,14 @@ pub(crate) fn compression(head: &[u8]) -> Option<(&'static str, &'static str)> {
 pub(crate) enum Store {
     Dir(PathBuf),
     Tar(TarIndex),
+    /// Blobs fetched on demand into a content-addressed directory (registry pulls).
+    Remote(std::sync::Arc<dyn crate::BlobSource>),
+}
+
+impl std::fmt::Debug for dyn crate::BlobSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlobSource({})", self.root().display())
+    }
 }
 
 impl Store {
@@ -263,6 +271,7 @@ impl Store {
         match self {
             Store::Dir(p) => p,
             Store::Tar(t) => t.path(),
+            Store::Remote(r) => r.root(),
         }
     }
 
@@ -270,6 +279,7 @@ impl Store {
     pub fn locate(&self, rel: &str) -> Result<Option<Located>> {
         match self {
             Store::Tar(t) => t.locate(rel),
+            Store::Remote(_) => Ok(None),
             Store::Dir(root) => {
                 let path = root.join(rel);
                 match std::fs::metadata(&path) {
@@ -289,6 +299,15 @@ impl Store {
 
     /// Finds blob `digest` and checks its length against the descriptor's `size`.
     pub fn blob(&self, digest: &Digest, size: u64, role: &str) -> Result<Located> {
+        if let Store::Remote(source) = self {
+            let file = source.locate(digest, size, role)?;
+            return Ok(Located {
+                place: Place::File(file.clone()),
+                file,
+                offset: 0,
+                len: size,
+            });
+        }
         let loc = self
             .locate(&bundle_format::tar::blob_path(digest))?
             .ok_or_else(|| Error::BlobMissing {
@@ -333,6 +352,7 @@ impl Store {
         let rel = bundle_format::tar::blob_path(digest);
         match self {
             Store::Dir(root) => Place::File(root.join(rel)),
+            Store::Remote(r) => Place::File(r.root().join(rel)),
             Store::Tar(t) => Place::Member {
                 archive: t.path().to_owned(),
                 member: rel,
