@@ -29,6 +29,79 @@ pub struct ImageConfig {
     pub source: Option<String>,
 }
 
+/// `bundle.lock`: the digest each registry image resolved to, so a release can be
+/// re-created bit for bit later (`bundle create --locked`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lock {
+    /// Always 1.
+    pub version: u32,
+    /// One entry per image pulled from a registry, in bundle.yaml order.
+    #[serde(default)]
+    pub images: Vec<LockEntry>,
+}
+
+/// One pinned image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockEntry {
+    /// The image name from bundle.yaml.
+    pub name: String,
+    /// The digest its reference resolved to (the whole index, before platform filtering).
+    pub digest: String,
+}
+
+impl Lock {
+    /// The lock file beside `bundle_yaml`.
+    pub fn path_for(bundle_yaml: &Path) -> PathBuf {
+        bundle_yaml.with_file_name("bundle.lock")
+    }
+
+    /// Reads a lock file; a missing one is empty.
+    pub fn load(path: &Path) -> Result<Lock> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let lock: Lock =
+                    serde_yaml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+                if lock.version != 1 {
+                    bail!(
+                        "{}: version {} is not supported (1 is)",
+                        path.display(),
+                        lock.version
+                    );
+                }
+                Ok(lock)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lock {
+                version: 1,
+                images: Vec::new(),
+            }),
+            Err(e) => Err(e).with_context(|| format!("{}", path.display())),
+        }
+    }
+
+    /// The pinned digest of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.images
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.digest.as_str())
+    }
+
+    /// Writes the lock through a temp file and rename, unless it is unchanged on disk.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut text = String::from(
+            "# Written by `bundle create`: the digest each registry image resolved to.\n# `bundle create --locked` pulls exactly these.\n",
+        );
+        text.push_str(&serde_yaml::to_string(self)?);
+        if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
+            return Ok(());
+        }
+        bundle_format::read::write_atomic(path, text.as_bytes())?;
+        Ok(())
+    }
+}
+
 /// A config file and the directory its relative paths are relative to.
 pub struct Loaded {
     /// The parsed file.
@@ -139,6 +212,8 @@ pub fn rfc3339(secs: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     #[test]
@@ -163,5 +238,185 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+        // Past year 9999 and before year 0 the output is no longer RFC 3339, but still exact.
+        assert_eq!(rfc3339(253_402_300_800), "10000-01-01T00:00:00Z");
+        for secs in [i64::MIN, i64::MIN + 1, i64::MAX, i64::MAX - 1] {
+            assert_eq!(seconds_of(&rfc3339(secs)), Some(i128::from(secs)), "{secs}");
+        }
+    }
+
+    /// Days from 1970-01-01 to a proleptic Gregorian date (Hinnant's days_from_civil), in
+    /// i128 so that no year can overflow it.
+    fn days_from_civil(y: i128, m: i128, d: i128) -> i128 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    /// Reads back what [`rfc3339`] writes: `[-]Y{4,}-MM-DDTHH:MM:SSZ`, each field in range.
+    fn seconds_of(s: &str) -> Option<i128> {
+        let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
+        let (sign, date) = match date.strip_prefix('-') {
+            Some(rest) => (-1, rest),
+            None => (1, date),
+        };
+        let [y, m, d]: [&str; 3] = date.split('-').collect::<Vec<_>>().try_into().ok()?;
+        let [hh, mm, ss]: [&str; 3] = time.split(':').collect::<Vec<_>>().try_into().ok()?;
+        let two = |f: &str, max: i128| -> Option<i128> {
+            let v: i128 = f.parse().ok()?;
+            (f.len() == 2 && f.bytes().all(|b| b.is_ascii_digit()) && v <= max).then_some(v)
+        };
+        if y.len() < 4 || !y.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let (m, d) = (two(m, 12)?, two(d, 31)?);
+        if m == 0 || d == 0 {
+            return None;
+        }
+        let y = sign * y.parse::<i128>().ok()?;
+        let days = days_from_civil(y, m, d);
+        // The day must exist: the next date's day count is one more unless the month ends.
+        let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+        if days >= days_from_civil(ny, nm, 1) {
+            return None;
+        }
+        Some(days * 86_400 + two(hh, 23)? * 3600 + two(mm, 59)? * 60 + two(ss, 59)?)
+    }
+
+    fn size_text() -> impl Strategy<Value = String> {
+        let unit = prop::sample::select(vec![
+            "", "b", "B", "k", "K", "KiB", "kib", "KB", "m", "MiB", "MB", "g", "G", "GiB", "GB",
+            "t", "TiB", "TB", "tb", "PiB", "e", "e5", "i", " ", "\u{e9}", "\u{0}",
+        ]);
+        let number = prop_oneof![
+            "[0-9]{0,25}",
+            "[0-9.]{0,25}",
+            "[0-9]{1,400}",
+            prop::sample::select(vec!["nan", "inf", "-1", "+1", "1e3", "0.0", ".5", "1."])
+                .prop_map(str::to_owned),
+        ];
+        (" {0,2}", number, " {0,2}", unit, " {0,2}")
+            .prop_map(|(a, n, b, u, c)| format!("{a}{n}{b}{u}{c}"))
+    }
+
+    fn yaml_text() -> impl Strategy<Value = String> {
+        let piece = prop::sample::select(vec![
+            "name: ",
+            "version: ",
+            "images:",
+            "\n",
+            "\n  - ",
+            "  ",
+            "name: a",
+            "source: ",
+            "oci-layout:x",
+            "&a ",
+            "*a",
+            "&b ",
+            "*b",
+            "<<: *a",
+            "[",
+            "]",
+            "{",
+            "}",
+            ",",
+            "!!binary ",
+            "!!str ",
+            "!custom ",
+            "? ",
+            ": ",
+            "- ",
+            "'",
+            "\"",
+            "---",
+            "...",
+            "%YAML 1.2",
+            "%TAG ! tag:x,2000:",
+            "\t",
+            "# c",
+            "~",
+            "null",
+            "1e999",
+            "0x1F",
+            "|",
+            ">",
+            "\u{feff}",
+            "\u{0}",
+            "\u{85}",
+            "\r",
+            "é",
+            "extra: 1",
+        ]);
+        prop_oneof![
+            any::<String>(),
+            prop::collection::vec(piece, 0..24).prop_map(|p| p.concat()),
+            (1usize..3000).prop_map(|n| format!("name: {}", "[".repeat(n))),
+            (1usize..1000).prop_map(|n| {
+                let mut s = "name: a\nversion: b\nimages:\n".to_owned();
+                for i in 0..n {
+                    s.push_str(&" ".repeat(i + 1));
+                    s.push_str("- \n");
+                }
+                s
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn parse_size_never_panics(s in prop_oneof![any::<String>(), size_text()]) {
+            match parse_size(&s) {
+                Ok(v) => prop_assert!(v >= 1, "{s:?} gave {v}"),
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+        }
+
+        #[test]
+        fn plain_and_binary_sizes_are_exact(n in 1u64..(1 << 40)) {
+            prop_assert_eq!(parse_size(&n.to_string()), Ok(n));
+            prop_assert_eq!(parse_size(&format!("{n}B")), Ok(n));
+            prop_assert_eq!(parse_size(&format!("{n} KiB")), Ok(n << 10));
+        }
+
+        /// Every i64 prints without overflow and reads back to itself.
+        #[test]
+        fn rfc3339_covers_all_of_i64(secs in any::<i64>()) {
+            let s = rfc3339(secs);
+            prop_assert_eq!(seconds_of(&s), Some(i128::from(secs)), "{}", s);
+        }
+
+        /// Years 0 to 9999 give RFC 3339 exactly: 20 characters, fixed positions.
+        #[test]
+        fn rfc3339_in_range_is_rfc3339(secs in -62_167_219_200i64..=253_402_300_799) {
+            let s = rfc3339(secs);
+            let b = s.as_bytes();
+            prop_assert_eq!(b.len(), 20, "{}", s);
+            for (i, c) in b.iter().enumerate() {
+                let want_digit = !matches!(i, 4 | 7 | 10 | 13 | 16 | 19);
+                prop_assert_eq!(c.is_ascii_digit(), want_digit, "{}", s);
+            }
+            prop_assert_eq!(&s[4..5], "-");
+            prop_assert_eq!(&s[10..11], "T");
+            prop_assert_eq!(&s[19..], "Z");
+        }
+
+        #[test]
+        fn bundle_yaml_never_panics(text in yaml_text()) {
+            let _ = serde_yaml::from_str::<BundleConfig>(&text);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bundle.yaml");
+            std::fs::write(&path, &text).unwrap();
+            if let Err(e) = load(&path) {
+                prop_assert!(format!("{e:#}").contains("bundle.yaml"), "{e:#}");
+            }
+        }
     }
 }

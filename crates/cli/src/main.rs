@@ -1,6 +1,7 @@
 //! `bundle`: carry container images into disconnected Kubernetes clusters.
 
 mod config;
+mod registry;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,33 @@ enum Command {
         /// An image index that loses manifests is rewritten and gets a new digest.
         #[arg(long = "platform")]
         platforms: Vec<Platform>,
+        /// Pull exactly the digests bundle.lock pins; fail if an image is not pinned.
+        #[arg(long)]
+        locked: bool,
+        /// Blob cache for registry pulls [default: $XDG_CACHE_HOME/bundle or ~/.cache/bundle].
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
+    /// Push the images of an archive into a registry, straight from the archive.
+    Push {
+        /// The archive (or any one of its parts).
+        archive: PathBuf,
+        /// Target: HOST[:PORT][/PREFIX]. docker.io/library/nginx:1.27 lands at HOST/library/nginx:1.27.
+        #[arg(long)]
+        registry: String,
+        /// Ordered SRC_PREFIX=DST_PREFIX rules, e.g. docker.io/=mirror.local/docker/ (first match wins).
+        #[arg(long = "map", value_name = "SRC=DST")]
+        maps: Vec<bundle_oci::push::MapRule>,
+        /// Push only this image (repeatable).
+        #[arg(long = "image", value_name = "NAME")]
+        images: Vec<String>,
+        /// Chunk size for large blobs.
+        #[arg(long, default_value = "32MiB", value_parser = config::parse_size)]
+        chunk_size: u64,
+        #[command(flatten)]
+        access: registry::RegistryArgs,
     },
     /// Check every frame of an archive against its index (--deep: every blob digest too).
     Verify {
@@ -98,7 +126,28 @@ fn run(cli: Cli) -> Result<()> {
             split_size,
             level,
             platforms,
-        } => create(&bundle_yaml, &output, split_size, level, &platforms),
+            locked,
+            cache,
+            registry,
+        } => create(
+            &bundle_yaml,
+            &output,
+            &WriteOptions { level, split_size },
+            &platforms,
+            &Pulling {
+                locked,
+                cache,
+                registry,
+            },
+        ),
+        Command::Push {
+            archive,
+            registry,
+            maps,
+            images,
+            chunk_size,
+            access,
+        } => push(&archive, &registry, maps, images, chunk_size, &access),
         Command::Verify {
             archive,
             deep,
@@ -119,12 +168,19 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// How `create` pulls registry images.
+struct Pulling {
+    locked: bool,
+    cache: Option<PathBuf>,
+    registry: registry::RegistryArgs,
+}
+
 fn create(
     yaml: &Path,
     out: &Path,
-    split_size: Option<u64>,
-    level: i32,
+    opts: &WriteOptions,
     platforms: &[Platform],
+    pulling: &Pulling,
 ) -> Result<()> {
     let loaded = config::load(yaml)?;
     let mut input = BundleInput {
@@ -133,27 +189,88 @@ fn create(
         created: config::created_from_env()?,
         ..BundleInput::default()
     };
+    let lock_path = config::Lock::path_for(yaml);
+    let old_lock = config::Lock::load(&lock_path)?;
+    let mut new_lock = config::Lock {
+        version: 1,
+        images: Vec::new(),
+    };
+    let mut remote: Option<(
+        tokio::runtime::Runtime,
+        bundle_oci::Client,
+        bundle_oci::cache::BlobCache,
+    )> = None;
     for (i, img) in loaded.config.images.iter().enumerate() {
-        let Some(source) = &img.source else {
-            bail!(
-                "{}: images[{i}] ({}): no `source`; pulling from registries is not supported yet, name a local oci-layout:, oci-archive: or docker-archive: source",
-                yaml.display(),
-                img.name
-            );
+        let at = || format!("{}: images[{i}] ({})", yaml.display(), img.name);
+        let resolved = match &img.source {
+            Some(source) => {
+                let spec = SourceSpec::parse(source)
+                    .with_context(|| format!("{}: images[{i}].source", yaml.display()))?
+                    .relative_to(&loaded.base);
+                bundle_layout::resolve(&img.name, &spec, platforms).with_context(at)?
+            }
+            None => {
+                let reference: bundle_oci::Reference = img.name.parse().with_context(at)?;
+                let pinned = match (pulling.locked, old_lock.get(&img.name)) {
+                    (true, None) => bail!(
+                        "{}: --locked, but {} has no entry in {}; run without --locked to pin it",
+                        yaml.display(),
+                        img.name,
+                        lock_path.display()
+                    ),
+                    (true, Some(d)) => Some(
+                        d.parse::<bundle_format::Digest>()
+                            .with_context(|| format!("{}: {}", lock_path.display(), img.name))?,
+                    ),
+                    (false, _) => None,
+                };
+                if remote.is_none() {
+                    let dir = pulling
+                        .cache
+                        .clone()
+                        .unwrap_or_else(bundle_oci::cache::default_dir);
+                    let cache = bundle_oci::cache::BlobCache::open(&dir)?;
+                    remote = Some((registry::runtime()?, pulling.registry.client()?, cache));
+                }
+                let Some((rt, client, cache)) = &remote else {
+                    unreachable!("set above")
+                };
+                let target = match pinned {
+                    Some(d) => reference.with_digest(d),
+                    None => reference.clone(),
+                };
+                let pulled = rt
+                    .block_on(bundle_oci::pull::pull(
+                        client,
+                        cache,
+                        &img.name,
+                        &target,
+                        platforms,
+                        pulling.registry.jobs,
+                    ))
+                    .with_context(at)?;
+                eprintln!(
+                    "pulled {} as {} ({} bytes downloaded)",
+                    target, pulled.pulled, pulled.downloaded
+                );
+                new_lock.images.push(config::LockEntry {
+                    name: img.name.clone(),
+                    digest: pulled.pulled.to_string(),
+                });
+                pulled.resolved
+            }
         };
-        let spec = SourceSpec::parse(source)
-            .with_context(|| format!("{}: images[{i}].source", yaml.display()))?
-            .relative_to(&loaded.base);
-        let resolved = bundle_layout::resolve(&img.name, &spec, platforms)
-            .with_context(|| format!("{}: images[{i}] ({})", yaml.display(), img.name))?;
         for note in &resolved.notes {
             eprintln!("note: {note}");
         }
         input.images.push(resolved.image);
         input.blobs.extend(resolved.blobs);
     }
-    let summary = bundle_format::write(&input, out, &WriteOptions { level, split_size })
+    let summary = bundle_format::write(&input, out, opts)
         .with_context(|| format!("creating {}", out.display()))?;
+    if !pulling.locked && !new_lock.images.is_empty() {
+        new_lock.save(&lock_path)?;
+    }
     for p in &summary.paths {
         println!("wrote {}", p.display());
     }
@@ -164,6 +281,43 @@ fn create(
         summary.index.blobs.len(),
         summary.index.frames.len(),
         summary.size
+    );
+    Ok(())
+}
+
+fn push(
+    archive: &Path,
+    registry: &str,
+    maps: Vec<bundle_oci::push::MapRule>,
+    images: Vec<String>,
+    chunk_size: u64,
+    access: &registry::RegistryArgs,
+) -> Result<()> {
+    let a = std::sync::Arc::new(Archive::open(archive)?);
+    let mut target: bundle_oci::push::Target = registry.parse()?;
+    target.maps = maps;
+    let opts = bundle_oci::push::PushOptions {
+        target,
+        images,
+        jobs: access.jobs,
+        chunk_size,
+    };
+    let client = access.client()?;
+    let rt = registry::runtime()?;
+    let started = std::time::Instant::now();
+    let report = rt.block_on(bundle_oci::push::push(&client, a, &opts))?;
+    for (name, to, digest) in &report.images {
+        println!("{name} -> {to} ({digest})");
+    }
+    println!(
+        "pushed {} images in {:.1}s: {} blobs uploaded, {} already present, {} mounted, {} manifests, {} bytes sent",
+        report.images.len(),
+        started.elapsed().as_secs_f64(),
+        report.uploaded,
+        report.skipped,
+        report.mounted,
+        report.manifests,
+        report.bytes_sent
     );
     Ok(())
 }

@@ -239,6 +239,17 @@ pub enum Error {
         /// `bzip2` or `xz`.
         kind: &'static str,
     },
+    /// A [`crate::BlobSource`] could not fetch a blob.
+    #[error("fetching {role} {digest}")]
+    Fetch {
+        /// The blob.
+        digest: Digest,
+        /// Its role: manifest, image index, config.
+        role: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// An error from the format crate (boxed: it is large).
     #[error(transparent)]
     Format(Box<bundle_format::Error>),

@@ -191,12 +191,18 @@ impl<'a> Call<'a> {
 }
 
 /// Reads a whole body, at most `limit` bytes.
-pub async fn read_body(body: RespBody, limit: usize) -> std::result::Result<Bytes, String> {
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => Err(e.to_string()),
+pub async fn read_body(mut body: RespBody, limit: usize) -> std::result::Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(format!("body larger than {limit} bytes"));
+            }
+            out.extend_from_slice(&data);
+        }
     }
+    Ok(out.freeze())
 }
 
 fn retry_after(h: &HeaderMap) -> Option<Duration> {

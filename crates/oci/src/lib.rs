@@ -2,8 +2,11 @@
 
 pub mod api;
 pub mod auth;
+pub mod cache;
 pub mod client;
 pub mod error;
+pub mod pull;
+pub mod push;
 pub mod reference;
 pub mod transport;
 

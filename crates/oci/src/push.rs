@@ -1,0 +1,575 @@
+//! `bundle push`: every image of an archive into a registry, streamed from the archive's
+//! frames. Blobs the registry has are skipped (HEAD), blobs already pushed to another
+//! repository of the same registry are mounted, the rest upload in parallel: small ones in one
+//! request, large ones in chunks that resume from the registry's offset after a failure.
+//! Manifests follow their blobs, children before the index that names them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use tokio::sync::{Semaphore, mpsc};
+
+use bundle_format::{Archive, Digest};
+
+use crate::api::{BodyFactory, UploadStart};
+use crate::transport::ReqBody;
+use crate::{BoxError, Client, Error, Reference, Repo, Result, Scope};
+
+/// Blobs at most this big go up in one request.
+pub const MONOLITHIC_MAX: u64 = 16 << 20;
+
+/// A `--map SRC_PREFIX=DST_PREFIX` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapRule {
+    /// Prefix of the normalised source name, e.g. `docker.io/`.
+    pub from: String,
+    /// What replaces it, e.g. `mirror.local/docker/`.
+    pub to: String,
+}
+
+impl std::str::FromStr for MapRule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<MapRule> {
+        let (from, to) = s.split_once('=').ok_or_else(|| {
+            Error::Invalid(format!("--map {s:?}: expected SRC_PREFIX=DST_PREFIX"))
+        })?;
+        if from.is_empty() || to.is_empty() {
+            return Err(Error::Invalid(format!(
+                "--map {s:?}: both prefixes must be non-empty"
+            )));
+        }
+        Ok(MapRule {
+            from: from.to_owned(),
+            to: to.to_owned(),
+        })
+    }
+}
+
+/// Where images go.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `HOST[:PORT]`.
+    pub registry: String,
+    /// Optional repository prefix, e.g. `mirror`.
+    pub prefix: Option<String>,
+    /// Ordered rules; the first whose prefix matches wins.
+    pub maps: Vec<MapRule>,
+}
+
+impl std::str::FromStr for Target {
+    type Err = Error;
+    /// Parses `HOST[:PORT][/PREFIX]`.
+    fn from_str(s: &str) -> Result<Target> {
+        let s = s.trim_end_matches('/');
+        let (registry, prefix) = match s.split_once('/') {
+            Some((h, p)) => (h, Some(p.to_owned())),
+            None => (s, None),
+        };
+        // Validate through the reference grammar.
+        let probe = format!(
+            "{registry}/{}x",
+            prefix
+                .as_deref()
+                .map(|p| format!("{p}/"))
+                .unwrap_or_default()
+        );
+        let r: Reference = probe
+            .parse()
+            .map_err(|e| Error::Invalid(format!("--registry {s:?}: {e}")))?;
+        if r.registry != registry {
+            return Err(Error::Invalid(format!(
+                "--registry {s:?}: {registry:?} is not a registry host (use HOST[:PORT], e.g. 127.0.0.1:5000)"
+            )));
+        }
+        Ok(Target {
+            registry: registry.to_owned(),
+            prefix,
+            maps: Vec::new(),
+        })
+    }
+}
+
+impl Target {
+    /// Where the image `name` (as stored in the archive) lands. Digests never change; tags
+    /// are kept.
+    pub fn map(&self, name: &str) -> Result<Reference> {
+        let src: Reference = name.parse()?;
+        let full = src.to_string();
+        for rule in &self.maps {
+            if let Some(rest) = full.strip_prefix(&rule.from) {
+                let mapped = format!("{}{rest}", rule.to);
+                return mapped.parse().map_err(|e| {
+                    Error::Invalid(format!(
+                        "--map {}={} turns {name} into {mapped:?}: {e}",
+                        rule.from, rule.to
+                    ))
+                });
+            }
+        }
+        let repository = match &self.prefix {
+            Some(p) => format!("{p}/{}", src.repository),
+            None => src.repository.clone(),
+        };
+        let mut text = format!("{}/{repository}", self.registry);
+        if let Some(t) = &src.tag {
+            text.push(':');
+            text.push_str(t);
+        }
+        if let Some(d) = &src.digest {
+            text.push('@');
+            text.push_str(&d.to_string());
+        }
+        text.parse()
+    }
+}
+
+/// How to push.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Where to.
+    pub target: Target,
+    /// Only these image names (all when empty).
+    pub images: Vec<String>,
+    /// Parallel blob uploads.
+    pub jobs: usize,
+    /// Chunk size for chunked uploads.
+    pub chunk_size: u64,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Default)]
+pub struct PushReport {
+    /// Each image and where it went, with its digest.
+    pub images: Vec<(String, Reference, Digest)>,
+    /// Blobs uploaded.
+    pub uploaded: u64,
+    /// Blobs the registry already had.
+    pub skipped: u64,
+    /// Blobs mounted from another repository.
+    pub mounted: u64,
+    /// Content bytes sent (resent bytes included).
+    pub bytes_sent: u64,
+    /// Manifests and indexes put.
+    pub manifests: u64,
+}
+
+/// One image's plan: its blobs, and its manifests in push order (children first).
+struct ImagePlan {
+    name: String,
+    target: Reference,
+    root: Digest,
+    blobs: BTreeSet<Digest>,
+    manifests: Vec<(Digest, String)>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Doc {
+    media_type: Option<String>,
+    manifests: Option<Vec<Desc>>,
+    config: Option<Desc>,
+    layers: Option<Vec<Desc>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Desc {
+    media_type: Option<String>,
+    digest: String,
+}
+
+fn plan_image(
+    archive: &Archive,
+    name: &str,
+    target: Reference,
+    root: Digest,
+    root_type: &str,
+) -> Result<ImagePlan> {
+    let mut plan = ImagePlan {
+        name: name.to_owned(),
+        target,
+        root,
+        blobs: BTreeSet::new(),
+        manifests: Vec::new(),
+    };
+    fn walk(
+        archive: &Archive,
+        plan: &mut ImagePlan,
+        d: Digest,
+        media_type: &str,
+        depth: usize,
+    ) -> Result<()> {
+        if depth > 8 || plan.manifests.iter().any(|(m, _)| *m == d) {
+            return Ok(());
+        }
+        let bytes = archive.read_blob(&d)?;
+        let doc: Doc = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Invalid(format!("archive manifest {d} of {}: {e}", plan.name)))?;
+        let parse = |s: &str| -> Result<Digest> {
+            s.parse::<Digest>()
+                .map_err(|e| Error::Invalid(format!("archive manifest {d}: {e}")))
+        };
+        for child in doc.manifests.iter().flatten() {
+            let cd = parse(&child.digest)?;
+            if archive.index().blob(&cd).is_none() {
+                // A platform dropped at create time is absent; the index was rewritten then.
+                continue;
+            }
+            let mt = child
+                .media_type
+                .clone()
+                .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+            walk(archive, plan, cd, &mt, depth + 1)?;
+        }
+        for b in doc.config.iter().chain(doc.layers.iter().flatten()) {
+            plan.blobs.insert(parse(&b.digest)?);
+        }
+        let mt = doc.media_type.unwrap_or_else(|| media_type.to_owned());
+        plan.manifests.push((d, mt));
+        Ok(())
+    }
+    walk(archive, &mut plan, root, root_type, 0)?;
+    Ok(plan)
+}
+
+/// A request body fed by a blocking thread that decompresses the archive's frames.
+struct ChannelBody {
+    rx: mpsc::Receiver<std::result::Result<Bytes, BoxError>>,
+    remaining: u64,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                self.remaining = self.remaining.saturating_sub(b.len() as u64);
+                Poll::Ready(Some(Ok(http_body::Frame::data(b))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Bodies for `[offset, offset+len)` of a blob, read from the archive on a blocking thread.
+fn body_factory(archive: Arc<Archive>, digest: Digest, sent: Arc<AtomicU64>) -> BodyFactory {
+    Arc::new(move |offset: u64, len: u64| -> ReqBody {
+        let (tx, rx) = mpsc::channel(4);
+        let archive = Arc::clone(&archive);
+        let sent = Arc::clone(&sent);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read as _;
+            let mut reader = match archive.blob_from(&digest, offset) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
+                    return;
+                }
+            };
+            let mut left = len;
+            while left > 0 {
+                let mut buf = vec![0u8; (256 << 10).min(left as usize)];
+                match reader.read(&mut buf) {
+                    Ok(0) => {
+                        let _ = tx.blocking_send(Err("archive blob ended early".into()));
+                        return;
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        left -= n as u64;
+                        sent.fetch_add(n as u64, Ordering::Relaxed);
+                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
+                        return;
+                    }
+                }
+            }
+        });
+        ChannelBody { rx, remaining: len }.boxed_unsync()
+    })
+}
+
+enum Outcome {
+    Skipped,
+    Mounted,
+    Uploaded,
+}
+
+/// Puts one blob into `repo`: HEAD, else mount from `mount_from`, else upload.
+async fn push_blob(
+    client: &Client,
+    archive: &Arc<Archive>,
+    repo: &Repo,
+    digest: Digest,
+    mount_from: Option<&str>,
+    chunk: u64,
+    sent: &Arc<AtomicU64>,
+) -> Result<Outcome> {
+    let size = archive
+        .index()
+        .blob(&digest)
+        .map(|b| b.size)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{repo}: blob {digest} is named by a manifest but not in the archive"
+            ))
+        })?;
+    let scope = Scope::Push {
+        repo: repo.name.clone(),
+        mount_from: mount_from.map(str::to_owned),
+    };
+    if client.blob_size(repo, &scope, &digest).await?.is_some() {
+        return Ok(Outcome::Skipped);
+    }
+    let body = body_factory(Arc::clone(archive), digest, Arc::clone(sent));
+    let mut restarts = 0u32;
+    'session: loop {
+        let mount = mount_from.map(|f| (&digest, f));
+        let mut location = match client.start_upload(repo, &scope, mount).await? {
+            UploadStart::Mounted => return Ok(Outcome::Mounted),
+            UploadStart::Location(l) => l,
+        };
+        if size <= MONOLITHIC_MAX {
+            match client
+                .put_blob(repo, &scope, &location, &digest, size, &body)
+                .await
+            {
+                Ok(()) => return Ok(Outcome::Uploaded),
+                Err(e) if e.is_transient() && restarts < 5 => {
+                    restarts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(500 << restarts)).await;
+                    continue 'session;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        while offset < size {
+            let len = chunk.min(size - offset);
+            match client
+                .patch_chunk(repo, &scope, &location, offset, len, &body)
+                .await
+            {
+                Ok(next) => {
+                    location = next;
+                    offset += len;
+                    failures = 0;
+                }
+                Err(e) if e.is_transient() && failures < 8 => {
+                    failures += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(250 << failures.min(5)))
+                        .await;
+                    // Ask the registry how much arrived, and go on from there.
+                    match client.upload_offset(repo, &scope, &location).await {
+                        Ok(Some((have, loc))) if have <= size => {
+                            offset = have;
+                            location = loc;
+                        }
+                        Ok(_) => {
+                            restarts += 1;
+                            continue 'session;
+                        }
+                        Err(e) if e.is_transient() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match client.close_upload(repo, &scope, &location, &digest).await {
+            Ok(()) => return Ok(Outcome::Uploaded),
+            Err(e) if e.is_transient() && restarts < 5 => {
+                restarts += 1;
+                if client
+                    .blob_size(repo, &scope, &digest)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+                {
+                    return Ok(Outcome::Uploaded);
+                }
+                continue 'session;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Pushes the archive's images (all, or those named) to the target registry.
+pub async fn push(
+    client: &Client,
+    archive: Arc<Archive>,
+    opts: &PushOptions,
+) -> Result<PushReport> {
+    let mut plans = Vec::new();
+    for img in &archive.index().images {
+        if !opts.images.is_empty() && !opts.images.iter().any(|n| n == &img.name) {
+            continue;
+        }
+        let target = opts.target.map(&img.name)?;
+        plans.push(plan_image(
+            &archive,
+            &img.name,
+            target,
+            img.digest,
+            &img.media_type,
+        )?);
+    }
+    for n in &opts.images {
+        if !archive.index().images.iter().any(|i| &i.name == n) {
+            return Err(Error::Invalid(format!(
+                "--image {n:?} is not in the archive (it holds: {})",
+                archive
+                    .index()
+                    .images
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    // Each blob goes to the first repository that needs it, then is mounted into the others.
+    let mut by_blob: BTreeMap<Digest, Vec<Repo>> = BTreeMap::new();
+    for p in &plans {
+        let repo = Repo::of(&p.target);
+        for d in &p.blobs {
+            let repos = by_blob.entry(*d).or_default();
+            if !repos.contains(&repo) {
+                repos.push(repo.clone());
+            }
+        }
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    // Largest blobs first, so the long uploads start early.
+    let mut order: Vec<(Digest, Vec<Repo>)> = by_blob.into_iter().collect();
+    order.sort_by_key(|(d, _)| std::cmp::Reverse(archive.index().blob(d).map_or(0, |b| b.size)));
+    for (digest, repos) in order {
+        let client = client.clone();
+        let archive = Arc::clone(&archive);
+        let sem = Arc::clone(&sem);
+        let sent = Arc::clone(&sent);
+        let chunk = opts.chunk_size.max(1 << 20);
+        tasks.spawn(async move {
+            let _permit = sem
+                .acquire_owned()
+                .await
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            let mut outcomes = Vec::new();
+            let first = &repos[0];
+            outcomes.push(push_blob(&client, &archive, first, digest, None, chunk, &sent).await?);
+            for r in &repos[1..] {
+                outcomes.push(
+                    push_blob(
+                        &client,
+                        &archive,
+                        r,
+                        digest,
+                        Some(&first.name),
+                        chunk,
+                        &sent,
+                    )
+                    .await?,
+                );
+            }
+            Ok::<_, Error>(outcomes)
+        });
+    }
+    let mut report = PushReport::default();
+    while let Some(joined) = tasks.join_next().await {
+        let outcomes = joined.map_err(|e| Error::Invalid(format!("upload task failed: {e}")))??;
+        for o in outcomes {
+            match o {
+                Outcome::Skipped => report.skipped += 1,
+                Outcome::Mounted => report.mounted += 1,
+                Outcome::Uploaded => report.uploaded += 1,
+            }
+        }
+    }
+    for p in &plans {
+        let repo = Repo::of(&p.target);
+        for (d, mt) in &p.manifests {
+            let bytes = Bytes::from(archive.read_blob(d)?);
+            let reference = if *d == p.root {
+                p.target.tag.clone().unwrap_or_else(|| d.to_string())
+            } else {
+                d.to_string()
+            };
+            client.put_manifest(&repo, &reference, mt, bytes).await?;
+            report.manifests += 1;
+        }
+        report
+            .images
+            .push((p.name.clone(), p.target.clone(), p.root));
+    }
+    report.bytes_sent = sent.load(Ordering::Relaxed);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_and_mapped_names() {
+        let mut t: Target = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(
+            t.map("docker.io/library/nginx:1.27").unwrap().to_string(),
+            "127.0.0.1:5000/library/nginx:1.27"
+        );
+        assert_eq!(
+            t.map("nginx").unwrap().to_string(),
+            "127.0.0.1:5000/library/nginx:latest"
+        );
+        assert_eq!(
+            t.map("registry.example/team/app:1.0").unwrap().to_string(),
+            "127.0.0.1:5000/team/app:1.0"
+        );
+        t.maps = vec![
+            "docker.io/=mirror.local/docker/".parse().unwrap(),
+            "ghcr.io/org/=mirror.local/gh/".parse().unwrap(),
+        ];
+        assert_eq!(
+            t.map("nginx:1").unwrap().to_string(),
+            "mirror.local/docker/library/nginx:1"
+        );
+        assert_eq!(
+            t.map("ghcr.io/org/app:2").unwrap().to_string(),
+            "mirror.local/gh/app:2"
+        );
+        assert_eq!(
+            t.map("quay.io/x/y:3").unwrap().to_string(),
+            "127.0.0.1:5000/x/y:3"
+        );
+        let p: Target = "127.0.0.1:5000/mirror".parse().unwrap();
+        assert_eq!(
+            p.map("quay.io/x/y:3").unwrap().to_string(),
+            "127.0.0.1:5000/mirror/x/y:3"
+        );
+        assert!("not a host".parse::<Target>().is_err());
+        assert!("=x".parse::<MapRule>().is_err());
+        assert!("x".parse::<MapRule>().is_err());
+    }
+}
