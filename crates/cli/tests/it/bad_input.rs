@@ -55,8 +55,9 @@ fn bundle_yaml_errors_name_the_file_and_field() {
             vec!["images[0]", "nope.tar"],
         ),
         (
-            "name: x\nversion: 1\nimages:\n  - name: a/b:1\n",
-            vec!["images[0]", "source"],
+            // Without a source the name is pulled, so it must be a valid reference.
+            "name: x\nversion: 1\nimages:\n  - name: Not/A/Reference:1\n",
+            vec!["images[0]", "Not/A/Reference:1", "invalid image reference"],
         ),
         (
             "name: x\nversion: 1\nimages:\n  - name: a/b:1\n    source: oci-layout:layout:app-1.0\n  - name: a/b:1\n    source: oci-layout:layout:app-1.0\n",

@@ -27,7 +27,7 @@ fn check(name: &str, args: &[&str]) {
 #[test]
 fn help_texts() {
     check("help.txt", &["--help"]);
-    for sub in ["create", "verify", "inspect", "extract"] {
+    for sub in ["create", "verify", "inspect", "extract", "push"] {
         check(&format!("help-{sub}.txt"), &[sub, "--help"]);
     }
 }
