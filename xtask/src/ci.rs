@@ -7,8 +7,12 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the tests drive as real peers.
-const DEBIAN_PACKAGES: &[(&str, &str)] =
-    &[("skopeo", "skopeo"), ("umoci", "umoci"), ("zstd", "zstd")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("skopeo", "skopeo"),
+    ("umoci", "umoci"),
+    ("zstd", "zstd"),
+    ("docker-registry", "docker-registry"),
+];
 
 fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     eprintln!("+ {program} {}", args.join(" "));

@@ -286,6 +286,7 @@ impl Client {
             headers: http::HeaderMap::new(),
             body: &make,
             action: action.clone(),
+            idempotent: false,
         };
         call.headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
@@ -318,6 +319,7 @@ impl Client {
             headers: http::HeaderMap::new(),
             body: &make,
             action: action.clone(),
+            idempotent: false,
         };
         call.headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -379,6 +381,7 @@ impl Client {
             headers: http::HeaderMap::new(),
             body: &make,
             action: action.clone(),
+            idempotent: true,
         };
         let ct = HeaderValue::from_str(media_type)
             .map_err(|_| Error::Invalid(format!("media type {media_type:?}")))?;

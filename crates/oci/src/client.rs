@@ -171,6 +171,9 @@ pub struct Call<'a> {
     pub body: &'a (dyn Fn() -> ReqBody + Send + Sync),
     /// For messages: `GET manifest library/nginx:1.27`.
     pub action: String,
+    /// Whether a connection failure may be retried blindly. Uploads are not: the registry
+    /// may have taken the bytes, so their callers ask it where it stands instead.
+    pub idempotent: bool,
 }
 
 fn no_body() -> ReqBody {
@@ -186,6 +189,7 @@ impl<'a> Call<'a> {
             headers: HeaderMap::new(),
             body: &no_body,
             action,
+            idempotent: true,
         }
     }
 }
@@ -392,6 +396,7 @@ impl Client {
                 }
             };
             match transient {
+                Err(e @ Error::Transport { .. }) if !call.idempotent => return Err(e),
                 Err(e) if e.is_transient() && attempt < self.inner.retry.attempts => {
                     self.bump(|s| s.retries += 1);
                     tokio::time::sleep(self.inner.retry.backoff(attempt)).await;

@@ -353,9 +353,19 @@ async fn push_blob(
                 .await
             {
                 Ok(()) => return Ok(Outcome::Uploaded),
-                Err(e) if e.is_transient() && restarts < 5 => {
+                Err(e) if restarts < 5 && (e.is_transient() || is_upload_gone(&e)) => {
                     restarts += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(500 << restarts)).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << restarts)).await;
+                    // The registry may have taken it all before the connection broke.
+                    if client
+                        .blob_size(repo, &scope, &digest)
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some()
+                    {
+                        return Ok(Outcome::Uploaded);
+                    }
                     continue 'session;
                 }
                 Err(e) => return Err(e),
@@ -374,7 +384,7 @@ async fn push_blob(
                     offset += len;
                     failures = 0;
                 }
-                Err(e) if e.is_transient() && failures < 8 => {
+                Err(e) if failures < 8 && (e.is_transient() || is_upload_gone(&e)) => {
                     failures += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(250 << failures.min(5)))
                         .await;
@@ -397,7 +407,7 @@ async fn push_blob(
         }
         match client.close_upload(repo, &scope, &location, &digest).await {
             Ok(()) => return Ok(Outcome::Uploaded),
-            Err(e) if e.is_transient() && restarts < 5 => {
+            Err(e) if restarts < 5 && (e.is_transient() || is_upload_gone(&e)) => {
                 restarts += 1;
                 if client
                     .blob_size(repo, &scope, &digest)
@@ -413,6 +423,13 @@ async fn push_blob(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// A 404 or 416 on an upload session: the registry lost or closed it, or holds other bytes
+/// than we thought; ask where it stands and go on, or start over.
+fn is_upload_gone(e: &Error) -> bool {
+    matches!(e, Error::Status { status, .. }
+        if *status == http::StatusCode::NOT_FOUND || *status == http::StatusCode::RANGE_NOT_SATISFIABLE)
 }
 
 /// Pushes the archive's images (all, or those named) to the target registry.

@@ -1,2 +1,6 @@
-//! Integration tests against a real registry.
+//! Integration tests of bundle-oci against real peers: CNCF distribution and skopeo.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+mod harness_selftest;
+mod registry_e2e;

@@ -1,0 +1,509 @@
+//! Push and pull against the real registry in every mode, under faults, and after a kill.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bundle_format::{Archive, BlobInput, BundleInput, Content, Digest, ImageInput, WriteOptions};
+use bundle_oci::auth::{CredentialStore, Credentials};
+use bundle_oci::cache::BlobCache;
+use bundle_oci::client::RetryPolicy;
+use bundle_oci::push::{PushOptions, PushReport, Target};
+use bundle_oci::{Client, Direct, Error, TlsOptions};
+
+use crate::harness::{self, FaultProxy, Mode, Registry, Rule};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 6,
+        base: Duration::from_millis(20),
+        max: Duration::from_millis(400),
+    }
+}
+
+/// A client for `host` with the registry's CA and credentials.
+fn client(reg: &Registry, host: &str, creds: Option<(&str, &str)>) -> Client {
+    let mut tls = TlsOptions::default();
+    if reg.mode() == Mode::Plain {
+        tls.insecure.insert(host.to_owned());
+    }
+    tls.ca_files.extend(reg.ca_file());
+    let mut store = CredentialStore::empty();
+    if let Some((u, p)) = creds {
+        store.insert(
+            host,
+            Credentials::Basic {
+                username: u.into(),
+                password: p.into(),
+            },
+        );
+    }
+    Client::new(Arc::new(Direct::new(&tls).unwrap()), store, tls).with_retry(fast_retry())
+}
+
+/// The small image set as an archive: app, multi (two platforms), plain, docker-archive.
+fn small_archive(dir: &Path) -> (PathBuf, Arc<Archive>) {
+    let set = bundle_testimages::small_set(&dir.join("images")).unwrap();
+    let mut input = BundleInput {
+        name: "e2e".into(),
+        version: "1".into(),
+        ..BundleInput::default()
+    };
+    for (name, spec) in [
+        (
+            "registry.example/team/app:1.0",
+            format!("oci-layout:{}:app-1.0", set.layout.display()),
+        ),
+        (
+            "registry.example/team/multi:1.0",
+            format!("oci-layout:{}:multi-1.0", set.layout.display()),
+        ),
+        (
+            "registry.example/team/plain:1.0",
+            format!("oci-layout:{}:plain-1.0", set.layout.display()),
+        ),
+        (
+            "registry.example/other/docker:1.0",
+            format!("docker-archive:{}", set.docker_archive.display()),
+        ),
+    ] {
+        let spec = bundle_layout::SourceSpec::parse(&spec).unwrap();
+        let r = bundle_layout::resolve(name, &spec, &[]).unwrap();
+        input.images.push(r.image);
+        input.blobs.extend(r.blobs);
+    }
+    let out = dir.join("e2e.bundle");
+    bundle_format::write(&input, &out, &WriteOptions::default()).unwrap();
+    let a = Arc::new(Archive::open(&out).unwrap());
+    (out, a)
+}
+
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut s = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn mem_blob(bytes: Vec<u8>, media_type: &str) -> BlobInput {
+    BlobInput {
+        digest: Digest::of(&bytes),
+        size: bytes.len() as u64,
+        media_type: Some(media_type.into()),
+        content: Content::Bytes(Arc::from(bytes)),
+    }
+}
+
+/// One image with `layers` incompressible layers of `size` bytes each.
+fn big_archive(dir: &Path, layers: usize, size: usize) -> Arc<Archive> {
+    let mut blobs: Vec<BlobInput> = (0..layers)
+        .map(|i| {
+            mem_blob(
+                noise(i as u64 + 1, size),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
+        })
+        .collect();
+    let config = mem_blob(
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec(),
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let layer_json: Vec<String> = blobs
+        .iter()
+        .map(|b| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":{}}}"#, b.digest, b.size))
+        .collect();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{}]}}"#,
+        config.digest,
+        config.size,
+        layer_json.join(",")
+    );
+    let m = mem_blob(
+        manifest.into_bytes(),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    let image = ImageInput {
+        name: "registry.example/big/app:1".into(),
+        digest: m.digest,
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        size: m.size,
+        platforms: vec!["linux/amd64".into()],
+    };
+    blobs.push(config);
+    blobs.push(m);
+    let out = dir.join("big.bundle");
+    let input = BundleInput {
+        name: "big".into(),
+        version: "1".into(),
+        created: None,
+        images: vec![image],
+        blobs,
+    };
+    bundle_format::write(
+        &input,
+        &out,
+        &WriteOptions {
+            level: 1,
+            split_size: None,
+        },
+    )
+    .unwrap();
+    Arc::new(Archive::open(&out).unwrap())
+}
+
+fn opts(host: &str, chunk: u64, jobs: usize) -> PushOptions {
+    PushOptions {
+        target: host.parse::<Target>().unwrap(),
+        images: Vec::new(),
+        jobs,
+        chunk_size: chunk,
+    }
+}
+
+/// Every pushed image is where it should be, with the archive's digest (read by skopeo).
+fn check_with_skopeo(reg: &Registry, report: &PushReport) {
+    for (name, to, digest) in &report.images {
+        let repo_ref = format!("{}:{}", to.repository, to.tag.as_deref().unwrap());
+        let raw = reg
+            .inspect_raw(&repo_ref)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(Digest::of(&raw), *digest, "{name} at {to}");
+    }
+}
+
+#[test]
+fn push_repush_and_pull_in_every_mode() {
+    for mode in [Mode::Plain, Mode::Tls, Mode::TlsBasicAuth, Mode::Token] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, archive) = small_archive(dir.path());
+        let reg = Registry::start(mode);
+        let host = reg.host();
+        let c = client(&reg, &host, reg.credentials());
+        let rt = rt();
+        let first = rt
+            .block_on(bundle_oci::push::push(
+                &c,
+                Arc::clone(&archive),
+                &opts(&host, 1 << 20, 4),
+            ))
+            .unwrap();
+        assert_eq!(first.images.len(), 4, "{mode:?}");
+        assert!(
+            first.uploaded > 0 && first.skipped == 0,
+            "{mode:?}: {first:?}"
+        );
+        // The base layer is shared by app and multi in repository team/..., and docker's
+        // layers live in another repository: blobs are uploaded once and mounted elsewhere.
+        assert!(first.mounted > 0, "{mode:?}: {first:?}");
+        check_with_skopeo(&reg, &first);
+        // Re-push: nothing is uploaded again.
+        let again = rt
+            .block_on(bundle_oci::push::push(
+                &c,
+                Arc::clone(&archive),
+                &opts(&host, 1 << 20, 4),
+            ))
+            .unwrap();
+        assert_eq!(
+            (again.uploaded, again.mounted, again.bytes_sent),
+            (0, 0, 0),
+            "{mode:?}: {again:?}"
+        );
+        assert_eq!(again.skipped, first.uploaded + first.mounted, "{mode:?}");
+        // Pull every image back into a fresh cache: same digests, every blob verified.
+        let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
+        for (name, to, digest) in &first.images {
+            let pulled = rt
+                .block_on(bundle_oci::pull::pull(&c, &cache, name, to, &[], 4))
+                .unwrap_or_else(|e| panic!("{mode:?} pull {to}: {e}"));
+            assert_eq!(pulled.pulled, *digest);
+            assert_eq!(pulled.resolved.image.digest, *digest);
+            for b in &pulled.resolved.blobs {
+                if let Content::File { path, .. } = &b.content {
+                    assert_eq!(Digest::of(&std::fs::read(path).unwrap()), b.digest);
+                }
+            }
+        }
+        if mode == Mode::Token {
+            let ts = reg.token_server().unwrap();
+            // Tokens are cached per scope: a handful, not one per request.
+            assert!(
+                ts.tokens_issued() <= 16,
+                "{} tokens issued",
+                ts.tokens_issued()
+            );
+        }
+    }
+}
+
+#[test]
+fn skopeo_reads_what_we_pushed_and_we_pull_what_skopeo_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, archive) = small_archive(dir.path());
+    let reg = Registry::start(Mode::Plain);
+    let host = reg.host();
+    let c = client(&reg, &host, None);
+    let rt = rt();
+    let report = rt
+        .block_on(bundle_oci::push::push(
+            &c,
+            archive,
+            &opts(&host, 1 << 20, 4),
+        ))
+        .unwrap();
+    let multi = report
+        .images
+        .iter()
+        .find(|i| i.0.contains("multi"))
+        .unwrap();
+    let out = dir.path().join("copied");
+    let mut src = vec![
+        "copy".to_owned(),
+        "--all".into(),
+        "--preserve-digests".into(),
+    ];
+    src.extend(reg.skopeo_src_args());
+    src.push(reg.docker_ref("team/multi:1.0"));
+    src.push(format!("oci:{}:x", out.display()));
+    let args: Vec<&str> = src.iter().map(String::as_str).collect();
+    harness::skopeo(&args).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], multi.2.to_string());
+
+    // The other way: skopeo seeds, we pull (with a platform filter, as create does).
+    let (_tmp, set) = harness::small_images();
+    let dest = reg.docker_ref("seeded/multi:2");
+    let mut extra = vec!["--all".to_owned()];
+    extra.extend(reg.skopeo_dest_args());
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    harness::skopeo_copy(&harness::oci_ref(&set, "multi-1.0"), &dest, &extra).unwrap();
+    let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
+    let r: bundle_oci::Reference = format!("{host}/seeded/multi:2").parse().unwrap();
+    let arm: bundle_layout::Platform = "linux/arm64".parse().unwrap();
+    let pulled = rt
+        .block_on(bundle_oci::pull::pull(
+            &c,
+            &cache,
+            "x/multi:2",
+            &r,
+            &[arm],
+            4,
+        ))
+        .unwrap();
+    let want = set
+        .images
+        .iter()
+        .find(|i| i.tag.as_deref() == Some("multi-1.0"))
+        .unwrap();
+    assert_eq!(
+        Some(pulled.pulled.to_string()),
+        want.descriptor.as_ref().map(|d| d.digest.clone())
+    );
+    assert_eq!(
+        pulled.resolved.image.platforms,
+        vec!["linux/arm64".to_owned()]
+    );
+    assert_eq!(
+        pulled.resolved.notes.len(),
+        1,
+        "{:?}",
+        pulled.resolved.notes
+    );
+}
+
+#[test]
+fn refused_credentials_and_unknown_ca_are_named() {
+    let reg = Registry::start(Mode::TlsBasicAuth);
+    let host = reg.host();
+    let rt = rt();
+    let r: bundle_oci::Reference = format!("{host}/team/app:1.0").parse().unwrap();
+    let wrong = client(&reg, &host, Some(("tester", "wrong")));
+    let e = rt.block_on(wrong.get_manifest(&r)).unwrap_err();
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    assert!(e.to_string().contains(&host), "{e}");
+    let none = client(&reg, &host, None);
+    let e = rt.block_on(none.get_manifest(&r)).unwrap_err().to_string();
+    assert!(e.contains("no credentials"), "{e}");
+    // TLS without the CA: a certificate error, not a hang or a panic.
+    let tls = TlsOptions::default();
+    let c = Client::new(
+        Arc::new(Direct::new(&tls).unwrap()),
+        CredentialStore::empty(),
+        tls,
+    )
+    .with_retry(RetryPolicy {
+        attempts: 1,
+        ..fast_retry()
+    });
+    let e = rt.block_on(c.get_manifest(&r)).unwrap_err();
+    let chain = format!("{e}: {:?}", std::error::Error::source(&e));
+    assert!(
+        chain.to_lowercase().contains("certificate") || chain.contains("UnknownIssuer"),
+        "{chain}"
+    );
+    // Nothing listens: the error names the registry.
+    let port = harness::free_port();
+    let gone: bundle_oci::Reference = format!("127.0.0.1:{port}/x/y:1").parse().unwrap();
+    let mut tls = TlsOptions::default();
+    tls.insecure.insert(format!("127.0.0.1:{port}"));
+    let c = Client::new(
+        Arc::new(Direct::new(&tls).unwrap()),
+        CredentialStore::empty(),
+        tls,
+    )
+    .with_retry(RetryPolicy {
+        attempts: 2,
+        ..fast_retry()
+    });
+    let e = rt.block_on(c.get_manifest(&gone)).unwrap_err().to_string();
+    assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+}
+
+#[test]
+fn faults_from_a_proxy_do_not_stop_push_or_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = big_archive(dir.path(), 3, 3 << 20);
+    let reg = Registry::start(Mode::Plain);
+    let proxy = FaultProxy::start(
+        &reg.host(),
+        vec![
+            Rule::new(harness::Fault::Status(503)).every(3),
+            Rule::new(harness::Fault::Status(429)).every(5),
+            Rule::new(harness::Fault::ResetAfter(200)).every(7),
+        ],
+    );
+    let host = proxy.host();
+    let c = client(&reg, &host, None);
+    let rt = rt();
+    let report = rt
+        .block_on(bundle_oci::push::push(
+            &c,
+            Arc::clone(&archive),
+            &opts(&host, 1 << 20, 2),
+        ))
+        .unwrap();
+    assert!(proxy.faults() > 0, "the proxy injected nothing");
+    assert!(c.stats().retries > 0);
+    proxy.set_enabled(false);
+    check_with_skopeo(&reg, &report);
+    proxy.set_enabled(true);
+    let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
+    let (name, to, digest) = &report.images[0];
+    let pulled = rt
+        .block_on(bundle_oci::pull::pull(&c, &cache, name, to, &[], 2))
+        .unwrap();
+    assert_eq!(pulled.pulled, *digest);
+    for b in &archive.index().blobs {
+        assert!(cache.has(&b.digest, b.size), "{} not cached", b.digest);
+    }
+}
+
+#[test]
+fn registry_killed_mid_push_then_rerun_skips_what_arrived() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = big_archive(dir.path(), 12, 4 << 20);
+    let total: u64 = archive.index().blobs.iter().map(|b| b.size).sum();
+    let mut reg = Registry::start(Mode::Plain);
+    let host = reg.host();
+    let storage = reg.storage_dir();
+    let rt = rt();
+    let c = client(&reg, &host, None).with_retry(RetryPolicy {
+        attempts: 2,
+        base: Duration::from_millis(10),
+        max: Duration::from_millis(20),
+    });
+    let task = {
+        let (c, archive, o) = (c.clone(), Arc::clone(&archive), opts(&host, 1 << 20, 1));
+        rt.spawn(async move { bundle_oci::push::push(&c, archive, &o).await })
+    };
+    // Kill the registry once a few blobs have landed.
+    let blobs_dir = storage.join("docker/registry/v2/blobs/sha256");
+    let count = || walk_count(&blobs_dir);
+    let started = std::time::Instant::now();
+    while count() < 3 && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    reg.stop();
+    let first = rt.block_on(task).unwrap();
+    assert!(
+        first.is_err(),
+        "the push finished before the registry was killed; make the blobs bigger"
+    );
+    reg.restart();
+    let c = client(&reg, &host, None);
+    let second = rt
+        .block_on(bundle_oci::push::push(
+            &c,
+            Arc::clone(&archive),
+            &opts(&host, 1 << 20, 2),
+        ))
+        .unwrap();
+    assert!(second.skipped >= 2, "{second:?}");
+    assert!(second.bytes_sent < total, "re-sent everything: {second:?}");
+    check_with_skopeo(&reg, &second);
+}
+
+#[test]
+fn chunked_upload_survives_lost_chunk_responses() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = big_archive(dir.path(), 1, 40 << 20);
+    let reg = Registry::start(Mode::Plain);
+    // Reset the connection of a few PATCH requests after part of the response.
+    let proxy = FaultProxy::start(
+        &reg.host(),
+        vec![
+            Rule::new(harness::Fault::ResetAfter(10))
+                .when("PATCH")
+                .every(2)
+                .limit(3),
+        ],
+    );
+    let host = proxy.host();
+    let c = client(&reg, &host, None);
+    let rt = rt();
+    let report = rt
+        .block_on(bundle_oci::push::push(
+            &c,
+            Arc::clone(&archive),
+            &opts(&host, 8 << 20, 1),
+        ))
+        .unwrap();
+    assert!(proxy.faults() >= 1);
+    let size = 40u64 << 20;
+    // distribution 2.8 signs the upload offset into its `_state` parameter, so once a chunk
+    // landed but its answer was lost, the session cannot be resumed and the blob restarts
+    // (at most once per injected fault). Registries without that state resume in place.
+    assert!(
+        report.bytes_sent >= size && report.bytes_sent <= 4 * size,
+        "{report:?}"
+    );
+    proxy.set_enabled(false);
+    check_with_skopeo(&reg, &report);
+}
+
+fn walk_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| walk_count(&e.path()).max(usize::from(e.file_name() == "data")))
+                .sum()
+        })
+        .unwrap_or(0)
+}
