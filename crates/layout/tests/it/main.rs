@@ -3,4 +3,5 @@
 mod archives;
 mod fixture;
 mod oci_layout;
+mod props;
 mod skopeo;
