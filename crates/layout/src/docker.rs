@@ -107,7 +107,8 @@ pub(crate) fn resolve(
 
     let mut layers = Vec::with_capacity(located.len());
     let mut blobs = Vec::new();
-    let mut seen = HashSet::new();
+    // The config is listed once, as a config, even when a layer has the same bytes.
+    let mut seen = HashSet::from([config_digest]);
     for ((n, loc), k) in located.iter().zip(slots) {
         let (digest, media_type) = hashed[k];
         if let Some(named) = digest_in_name(n, false)

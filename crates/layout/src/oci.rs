@@ -1,7 +1,7 @@
 //! Reads one image out of an OCI image layout (a directory or an indexed tar): picks the
 //! `index.json` entry, walks indexes and manifests verifying every JSON blob, filters platforms.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use bundle_format::write::{CONTAINERD_NAME_ANNOTATION, REF_NAME_ANNOTATION};
@@ -48,6 +48,7 @@ impl Ref {
 }
 
 /// A manifest or index that stays in the image.
+#[derive(Clone)]
 struct Node {
     digest: Digest,
     size: u64,
@@ -65,6 +66,8 @@ struct Walk<'a> {
     seen: HashSet<Digest>,
     available: BTreeSet<String>,
     kept_platforms: BTreeSet<String>,
+    /// Nodes already walked: an index may name the same child many times, at any depth.
+    memo: HashMap<(Digest, Option<Platform>, bool), Option<Node>>,
 }
 
 /// Resolves the image tagged `tag` (or the only one) in the layout `store`.
@@ -138,6 +141,7 @@ fn resolve_root(
         seen: HashSet::new(),
         available: BTreeSet::new(),
         kept_platforms: BTreeSet::new(),
+        memo: HashMap::new(),
     };
     let Some(node) = walk.visit(top, referrer, 0, !filter.is_empty())? else {
         return Err(no_platform(name, filter, walk.available));
@@ -269,6 +273,22 @@ impl Walk<'_> {
                 return Ok(None);
             }
         }
+        let key = (r.digest, r.platform.clone(), filtering);
+        if let Some(done) = self.memo.get(&key) {
+            return Ok(done.clone());
+        }
+        let node = self.visit_new(r, referrer, depth, filtering)?;
+        self.memo.insert(key, node.clone());
+        Ok(node)
+    }
+
+    fn visit_new(
+        &mut self,
+        r: &Ref,
+        referrer: &str,
+        depth: usize,
+        filtering: bool,
+    ) -> Result<Option<Node>> {
         let role = match r.media_type.as_deref().map(Kind::of) {
             Some(Some(Kind::Index)) => "image index",
             _ => "manifest",

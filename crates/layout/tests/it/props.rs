@@ -1827,7 +1827,6 @@ proptest! {
 /// pushes the config without checking `seen`. The writer dedups it, keeping the layer's media
 /// type for the config.
 #[test]
-#[ignore = "bug in bundle-layout docker.rs: the config is pushed without checking `seen`"]
 fn docker_layer_equal_to_config_is_listed_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.tar");
@@ -1854,7 +1853,6 @@ fn docker_layer_equal_to_config_is_listed_once() {
 /// `d` deep, makes `n^d` reads. Eight entries and seven levels (a few KB of JSON) take about
 /// 90 s in a debug build; wider indexes never finish. Real images walk in milliseconds.
 #[test]
-#[ignore = "bug in bundle-layout oci.rs: index walk is exponential in nesting depth"]
 fn repeated_index_entries_resolve_in_linear_time() {
     let dir = tempfile::tempdir().unwrap();
     let l = Layout::new(dir.path());
