@@ -284,8 +284,12 @@ impl CredentialStore {
 
 /// Runs `docker-credential-<helper> get` with the server URL on stdin.
 fn run_helper(helper: &str, host: &str) -> Result<Option<Credentials>> {
+    run_helper_program(&format!("docker-credential-{helper}"), host)
+}
+
+/// The credential-helper protocol: `PROGRAM get`, server URL on stdin, JSON on stdout.
+fn run_helper_program(program: &str, host: &str) -> Result<Option<Credentials>> {
     use std::io::Write as _;
-    let program = format!("docker-credential-{helper}");
     let server = if host == DOCKER_HUB {
         "https://index.docker.io/v1/".to_owned()
     } else {
@@ -295,7 +299,7 @@ fn run_helper(helper: &str, host: &str) -> Result<Option<Credentials>> {
         registry: host.to_owned(),
         reason,
     };
-    let mut child = std::process::Command::new(&program)
+    let mut child = std::process::Command::new(program)
         .arg("get")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -362,6 +366,37 @@ mod tests {
         ] {
             let _ = parse_challenge(junk);
         }
+    }
+
+    #[test]
+    fn credential_helper_protocol() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let helper = dir.path().join("docker-credential-test");
+        // Answers for one server, says "not found" for others, fails on a third.
+        std::fs::write(
+            &helper,
+            "#!/bin/sh\nread -r server\ncase \"$1:$server\" in\n  get:reg.example:5000) echo '{\"ServerURL\":\"reg.example:5000\",\"Username\":\"bob\",\"Secret\":\"pw\"}' ;;\n  get:https://index.docker.io/v1/) echo '{\"Username\":\"<token>\",\"Secret\":\"refresh\"}' ;;\n  get:broken.example) echo 'boom' >&2; exit 3 ;;\n  *) echo 'credentials not found in native keychain'; exit 1 ;;\nesac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = helper.to_str().unwrap();
+        assert_eq!(
+            run_helper_program(p, "reg.example:5000").unwrap(),
+            Some(Credentials::Basic {
+                username: "bob".into(),
+                password: "pw".into()
+            })
+        );
+        assert_eq!(
+            run_helper_program(p, DOCKER_HUB).unwrap(),
+            Some(Credentials::IdentityToken("refresh".into()))
+        );
+        assert_eq!(run_helper_program(p, "other.example").unwrap(), None);
+        let e = run_helper_program(p, "broken.example")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broken.example") && e.contains("boom"), "{e}");
     }
 
     #[test]

@@ -36,16 +36,30 @@ fn client(reg: &Registry, host: &str, creds: Option<(&str, &str)>) -> Client {
         tls.insecure.insert(host.to_owned());
     }
     tls.ca_files.extend(reg.ca_file());
-    let mut store = CredentialStore::empty();
-    if let Some((u, p)) = creds {
-        store.insert(
-            host,
-            Credentials::Basic {
-                username: u.into(),
-                password: p.into(),
-            },
-        );
-    }
+    // Credentials come the way people have them: a docker config.json with `auths`.
+    let store = match creds {
+        Some((u, p)) => {
+            use base64::Engine as _;
+            let dir = tempfile::tempdir().unwrap().keep();
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            let path = dir.join("config.json");
+            std::fs::write(
+                &path,
+                format!(r#"{{"auths":{{"https://{host}":{{"auth":"{auth}"}}}}}}"#),
+            )
+            .unwrap();
+            let store = CredentialStore::from_file(&path).unwrap();
+            assert_eq!(
+                store.get(host).unwrap(),
+                Some(Credentials::Basic {
+                    username: u.into(),
+                    password: p.into()
+                })
+            );
+            store
+        }
+        None => CredentialStore::empty(),
+    };
     Client::new(Arc::new(Direct::new(&tls).unwrap()), store, tls).with_retry(fast_retry())
 }
 
