@@ -5,6 +5,7 @@ mod bad_input;
 mod escape_hatch;
 mod golden;
 mod platform;
+mod registry;
 mod reproducible;
 mod snapshots;
 mod split;
