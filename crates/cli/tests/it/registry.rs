@@ -4,7 +4,6 @@
 use crate::support::{self, fails, ok};
 
 #[path = "../../../oci/tests/it/harness.rs"]
-#[allow(dead_code)]
 mod harness;
 
 use harness::{Mode, Registry};
