@@ -521,3 +521,27 @@ fn walk_count(dir: &Path) -> usize {
         })
         .unwrap_or(0)
 }
+
+#[test]
+fn insecure_registry_accepts_a_self_signed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, archive) = small_archive(dir.path());
+    let reg = Registry::start(Mode::Tls);
+    let host = reg.host();
+    let mut tls = TlsOptions::default();
+    tls.insecure.insert(host.clone());
+    let c = Client::new(
+        Arc::new(Direct::new(&tls).unwrap()),
+        CredentialStore::empty(),
+        tls,
+    )
+    .with_retry(fast_retry());
+    let report = rt()
+        .block_on(bundle_oci::push::push(
+            &c,
+            archive,
+            &opts(&host, 1 << 20, 4),
+        ))
+        .unwrap();
+    check_with_skopeo(&reg, &report);
+}
