@@ -353,17 +353,11 @@ async fn push_blob(
                 .await
             {
                 Ok(()) => return Ok(Outcome::Uploaded),
-                Err(e) if restarts < 5 && (e.is_transient() || is_upload_gone(&e)) => {
+                Err(e) if restarts < MAX_RESTARTS && retryable(&e) => {
                     restarts += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(50 << restarts)).await;
                     // The registry may have taken it all before the connection broke.
-                    if client
-                        .blob_size(repo, &scope, &digest)
-                        .await
-                        .ok()
-                        .flatten()
-                        .is_some()
-                    {
+                    if landed(client, repo, &scope, &digest).await {
                         return Ok(Outcome::Uploaded);
                     }
                     continue 'session;
@@ -384,7 +378,7 @@ async fn push_blob(
                     offset += len;
                     failures = 0;
                 }
-                Err(e) if failures < 8 && (e.is_transient() || is_upload_gone(&e)) => {
+                Err(e) if failures < 8 && retryable(&e) => {
                     failures += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(250 << failures.min(5)))
                         .await;
@@ -394,10 +388,11 @@ async fn push_blob(
                             offset = have;
                             location = loc;
                         }
-                        Ok(_) => {
+                        Ok(_) if restarts < MAX_RESTARTS => {
                             restarts += 1;
                             continue 'session;
                         }
+                        Ok(_) => return Err(e),
                         Err(e) if e.is_transient() => {}
                         Err(e) => return Err(e),
                     }
@@ -407,15 +402,9 @@ async fn push_blob(
         }
         match client.close_upload(repo, &scope, &location, &digest).await {
             Ok(()) => return Ok(Outcome::Uploaded),
-            Err(e) if restarts < 5 && (e.is_transient() || is_upload_gone(&e)) => {
+            Err(e) if restarts < MAX_RESTARTS && retryable(&e) => {
                 restarts += 1;
-                if client
-                    .blob_size(repo, &scope, &digest)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some()
-                {
+                if landed(client, repo, &scope, &digest).await {
                     return Ok(Outcome::Uploaded);
                 }
                 continue 'session;
@@ -423,6 +412,19 @@ async fn push_blob(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Upload sessions a blob may start before its push fails.
+const MAX_RESTARTS: u32 = 5;
+
+/// Whether an upload error is worth asking the registry about and going on.
+fn retryable(e: &Error) -> bool {
+    e.is_transient() || is_upload_gone(e)
+}
+
+/// Whether the registry now has the blob (an upload whose answer was lost may have landed).
+async fn landed(client: &Client, repo: &Repo, scope: &Scope, digest: &Digest) -> bool {
+    matches!(client.blob_size(repo, scope, digest).await, Ok(Some(_)))
 }
 
 /// A 404 or 416 on an upload session: the registry lost or closed it, or holds other bytes
