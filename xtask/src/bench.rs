@@ -1,30 +1,50 @@
 //! `cargo xtask bench`: measures `bundle` against the tools a user would reach for instead
-//! (tar + zstd, openssl's sha256, tar -x) on a generated image set, in one run, and prints a
-//! Markdown table with the targets. A missed target is reported, never an error: benchmarks
-//! report, tests assert.
+//! (tar + zstd, openssl's sha256, tar -x; skopeo against a local registry) on a generated
+//! image set, in one run, and prints Markdown tables with the targets. A missed target is
+//! reported, never an error: benchmarks report, tests assert.
 
+use std::cell::RefCell;
+use std::ffi::OsStr;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::util::{self, Measured, cargo, disk_bytes, measure, parse_size, remove, root};
+use crate::registry::{self, Registry};
+use crate::util::{self, Measured, cargo, disk_bytes, measure_steps, parse_size, remove, root};
 
 const DEFAULT_BYTES: u64 = 1_000_000_000;
 const DEFAULT_RUNS: u32 = 2;
 const RSS_TARGET: u64 = 256 << 20;
 
+/// A group of measurements that `--only` can pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    /// create, verify and extract against tar, zstd and openssl.
+    Local,
+    /// push, re-push and pull against skopeo, through a local registry.
+    Registry,
+}
+
 struct Opts {
     bytes: u64,
     runs: u32,
+    only: Option<Group>,
+}
+
+impl Opts {
+    fn wants(&self, g: Group) -> bool {
+        self.only.is_none_or(|o| o == g)
+    }
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
     let mut opts = Opts {
         bytes: DEFAULT_BYTES,
         runs: DEFAULT_RUNS,
+        only: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -52,8 +72,17 @@ fn parse(args: &[String]) -> Result<Opts> {
                     .filter(|n| *n > 0)
                     .ok_or_else(|| anyhow!("--runs: {v:?} is not a positive number"))?;
             }
+            "--only" => {
+                let v = value()?;
+                opts.only = Some(match v.as_str() {
+                    "local" => Group::Local,
+                    "registry" => Group::Registry,
+                    _ => bail!("--only: {v:?} is neither local nor registry"),
+                });
+            }
             _ => bail!(
-                "bench: unexpected argument {a:?} (usage: cargo xtask bench [--bytes N] [--runs N])"
+                "bench: unexpected argument {a:?} \
+                 (usage: cargo xtask bench [--bytes N] [--runs N] [--only local|registry])"
             ),
         }
     }
@@ -65,7 +94,8 @@ fn parse(args: &[String]) -> Result<Opts> {
 struct Bench {
     runs: u32,
     logs: PathBuf,
-    /// CPU time of every measured process, to tell our load from other processes'.
+    /// CPU time of every measured process (and of the registries), to tell our load from
+    /// other processes'.
     cpu: std::cell::Cell<Duration>,
 }
 
@@ -73,43 +103,78 @@ struct Bench {
 struct Best {
     wall: Duration,
     rss: u64,
+    /// CPU time a side process (the registry) spent during the fastest run.
+    side_cpu: Option<Duration>,
 }
 
+/// The cumulative CPU time of a process that serves the measured one, read before and after
+/// each run.
+type Side<'a> = Option<&'a dyn Fn() -> Option<Duration>>;
+
 impl Bench {
+    /// Measures one pipeline.
     fn best(
         &self,
         name: &str,
         prepare: &dyn Fn() -> Result<()>,
         make: &dyn Fn() -> Vec<Command>,
     ) -> Result<Best> {
+        self.best_steps(name, prepare, &|| vec![make()], None)
+    }
+
+    /// Measures pipelines run one after another, as one: their wall times add up.
+    fn best_steps(
+        &self,
+        name: &str,
+        prepare: &dyn Fn() -> Result<()>,
+        make: &dyn Fn() -> Vec<Vec<Command>>,
+        side: Side<'_>,
+    ) -> Result<Best> {
         let mut best: Option<Best> = None;
         for r in 1..=self.runs {
             prepare()?;
             // Flush earlier runs' dirty pages so that no run pays for another's writeback.
             Command::new("sync").status().context("running sync")?;
-            let m: Measured = measure(make(), &self.logs.join(format!("{name}.{r}")))?;
+            let steps = make();
+            let pipeline =
+                |p: &Vec<Command>| p.iter().map(util::show).collect::<Vec<_>>().join(" | ");
+            // A sequence of like commands shows its first.
+            let line = match steps.as_slice() {
+                [one] => pipeline(one),
+                [first, ..] => format!("{} ; … ({} commands in all)", pipeline(first), steps.len()),
+                [] => String::new(),
+            };
+            let side_before = side.and_then(|f| f());
+            let m: Measured = measure_steps(steps, &self.logs.join(format!("{name}.{r}")))?;
+            let side_cpu = match (side_before, side.and_then(|f| f())) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            };
             self.cpu.set(self.cpu.get() + m.cpu());
-            let line = m
-                .procs
-                .iter()
-                .map(|p| p.line.as_str())
-                .collect::<Vec<_>>()
-                .join(" | ");
+            let side_text = side_cpu.map_or_else(String::new, |c| {
+                format!(", registry CPU {:.2} s", c.as_secs_f64())
+            });
             println!(
-                "  {name} run {r}/{}: {}, CPU {:.2} s, peak RSS {}  ({line})",
+                "  {name} run {r}/{}: {}, CPU {:.2} s{side_text}, peak RSS {}  ({line})",
                 self.runs,
                 secs(m.wall),
                 m.cpu().as_secs_f64(),
                 mib(m.max_rss())
             );
+            let this = Best {
+                wall: m.wall,
+                rss: m.max_rss(),
+                side_cpu,
+            };
             best = Some(match best {
-                None => Best {
-                    wall: m.wall,
-                    rss: m.max_rss(),
+                None => this,
+                Some(b) if b.wall <= this.wall => Best {
+                    rss: b.rss.max(this.rss),
+                    ..b
                 },
                 Some(b) => Best {
-                    wall: b.wall.min(m.wall),
-                    rss: b.rss.max(m.max_rss()),
+                    rss: b.rss.max(this.rss),
+                    ..this
                 },
             });
         }
@@ -212,7 +277,7 @@ fn loadavg() -> String {
         .to_owned()
 }
 
-fn machine_info(cores: usize, load_start: &str) -> String {
+fn machine_info(cores: usize, load_start: &str, opts: &Opts) -> String {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
     let cpu = cpuinfo
@@ -240,12 +305,20 @@ fn machine_info(cores: usize, load_start: &str) -> String {
             })
             .unwrap_or_else(|| "not found".into())
     };
+    let mut peers = Vec::new();
+    if opts.wants(Group::Local) {
+        peers.push(version("zstd", "-V"));
+        peers.push(version("tar", "--version"));
+    }
+    if opts.wants(Group::Registry) {
+        peers.push(version("skopeo", "--version"));
+        peers.push(version(registry::PROGRAM, "--version"));
+    }
     format!(
-        "- nproc: {cores}\n- CPU: {cpu}\n- memory: {mem}\n- kernel: {}\n- load average at start: {}\n- peers: {}; {}",
+        "- nproc: {cores}\n- CPU: {cpu}\n- memory: {mem}\n- kernel: {}\n- load average at start: {}\n- peers: {}",
         read("/proc/sys/kernel/osrelease").trim(),
         load_start,
-        version("zstd", "-V"),
-        version("tar", "--version"),
+        peers.join("; "),
     )
 }
 
@@ -305,6 +378,119 @@ fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     s
 }
 
+/// What the groups share: the binaries, the data set, the output directory, the bench.
+struct Cx {
+    bench: Bench,
+    bundle_bin: PathBuf,
+    /// The data set: bundle.yaml, bundle-plain.yaml, layout/, testimages.json.
+    data: PathBuf,
+    layout: PathBuf,
+    layout_bytes: u64,
+    marker: serde_json::Value,
+    marker_path: PathBuf,
+    out: PathBuf,
+    cores: usize,
+}
+
+impl Cx {
+    /// `bundle ARGS`, run in `dir`.
+    fn bundle(&self, dir: &Path, args: &[&dyn AsRef<OsStr>]) -> Command {
+        let mut c = Command::new(&self.bundle_bin);
+        c.current_dir(dir);
+        for a in args {
+            c.arg(a);
+        }
+        c
+    }
+
+    /// The archive of bundle.yaml that the local group creates and the registry group pushes.
+    fn all_bundle(&self) -> PathBuf {
+        self.out.join("all.bundle")
+    }
+}
+
+fn cmd(prog: &str, args: &[&dyn AsRef<OsStr>]) -> Command {
+    let mut c = Command::new(prog);
+    for a in args {
+        c.arg(a);
+    }
+    c
+}
+
+/// What a group of measurements adds to the report.
+#[derive(Default)]
+struct Section {
+    rows: Vec<Row>,
+    rss: Vec<Vec<String>>,
+    /// Lines for the method notes.
+    notes: Vec<String>,
+    /// Commands that failed (a failure, not a missed target).
+    errors: Vec<String>,
+}
+
+impl Section {
+    fn errors_of(&mut self, results: &[(&str, &Result<Best>)]) {
+        for (n, r) in results {
+            if let Err(e) = r {
+                self.errors.push(format!("{n}: {e:#}"));
+            }
+        }
+    }
+}
+
+fn speedup(
+    what: String,
+    ours: &Result<Best>,
+    peer: &Result<Best>,
+    in_bytes: u64,
+    peer_name: &str,
+    target: Option<f64>,
+) -> Row {
+    match (ours, peer) {
+        (Ok(o), Ok(p)) => {
+            let r = p.wall.as_secs_f64() / o.wall.as_secs_f64().max(1e-9);
+            let side = |b: &Best| {
+                b.side_cpu.map_or_else(String::new, |c| {
+                    format!(", registry CPU {:.2} s", c.as_secs_f64())
+                })
+            };
+            Row {
+                what,
+                ours: format!("{}, {}{}", secs(o.wall), rate(in_bytes, o.wall), side(o)),
+                peer: format!(
+                    "{}, {}{} ({peer_name})",
+                    secs(p.wall),
+                    rate(in_bytes, p.wall),
+                    side(p)
+                ),
+                ratio: format!("{r:.2} (peer time / ours)"),
+                target: target.map_or_else(|| "—".into(), |t| format!("≥ {t:.1}")),
+                result: target.map_or_else(|| "info".into(), |t| verdict(r >= t).into()),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => failed_row(&what, e),
+    }
+}
+
+fn rss_row(what: &str, ours: &Result<Best>, peer: Option<&Result<Best>>) -> Vec<String> {
+    let peer = match peer {
+        Some(Ok(p)) => mib(p.rss),
+        Some(Err(_)) => "failed".into(),
+        None => "—".into(),
+    };
+    let (rss, result) = match ours {
+        Ok(o) => (mib(o.rss), verdict(o.rss <= RSS_TARGET)),
+        Err(_) => ("failed".into(), "ERROR"),
+    };
+    vec![
+        what.into(),
+        rss,
+        peer,
+        format!("≤ {}", mib(RSS_TARGET)),
+        result.into(),
+    ]
+}
+
 pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
     let root = root();
@@ -317,7 +503,6 @@ pub fn run(args: &[String]) -> Result<()> {
         "-p",
         "bundle-testimages",
     ]))?;
-    let bundle_bin = root.join("target/release/bundle");
 
     // The data set: generated once per size, then reused (the generator checks its marker).
     let data = root.join("target/bench-data").join(opts.bytes.to_string());
@@ -334,72 +519,176 @@ pub fn run(args: &[String]) -> Result<()> {
             .with_context(|| format!("reading {}", marker_path.display()))?,
     )
     .with_context(|| format!("parsing {}", marker_path.display()))?;
-    let plain_blobs: Vec<String> = marker["set"]["plain_blobs"]
-        .as_array()
-        .ok_or_else(|| anyhow!("{} has no set.plain_blobs", marker_path.display()))?
-        .iter()
-        .filter_map(|v| v.as_str().map(str::to_owned))
-        .collect();
     let layout = data.join("layout");
-    let layout_bytes = disk_bytes(&layout);
-    let plain_bytes: u64 = plain_blobs
-        .iter()
-        .map(|b| disk_bytes(&layout.join(b)))
-        .sum();
 
     let out = root.join("bench-out");
     remove(&out)?;
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let bench = Bench {
-        runs: opts.runs,
-        logs,
-        cpu: std::cell::Cell::new(Duration::ZERO),
+    let cx = Cx {
+        bench: Bench {
+            runs: opts.runs,
+            logs,
+            cpu: std::cell::Cell::new(Duration::ZERO),
+        },
+        bundle_bin: root.join("target/release/bundle"),
+        layout_bytes: disk_bytes(&layout),
+        layout,
+        data,
+        marker,
+        marker_path,
+        out,
+        cores,
     };
     let load_start = loadavg();
-    let info = machine_info(cores, &load_start);
+    let info = machine_info(cores, &load_start, &opts);
     println!("\n{info}");
-    let sha = openssl_sha256(cores)?;
-    println!(
-        "  openssl sha256 on {cores} processes: {:.0} MB/s\n",
-        sha / 1e6
-    );
-
-    let p = |name: &str| out.join(name);
-    let bundle = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
-        let mut c = Command::new(&bundle_bin);
-        c.current_dir(&data);
-        for a in args {
-            c.arg(a);
-        }
-        vec![c]
+    // Measured before the clock for contention starts: it keeps both cores busy on purpose.
+    let sha = if opts.wants(Group::Local) {
+        let sha = openssl_sha256(cores)?;
+        println!(
+            "  openssl sha256 on {cores} processes: {:.0} MB/s\n",
+            sha / 1e6
+        );
+        Some(sha)
+    } else {
+        None
     };
-    let cmd = |prog: &str, args: &[&dyn AsRef<std::ffi::OsStr>]| {
-        let mut c = Command::new(prog);
-        for a in args {
-            c.arg(a);
-        }
-        c
-    };
-    let (all_bundle, all_zst, plain_bundle, plain_zst) = (
-        p("all.bundle"),
-        p("all.tar.zst"),
-        p("plain.bundle"),
-        p("plain.tar.zst"),
-    );
-    let (x_ours, x_peer) = (p("extract-bundle"), p("extract-peer"));
 
     let snap_start = cpu_snap();
     println!(
         "measuring (best of {} runs; the first run of each also warms the page cache):",
         opts.runs
     );
+    let mut sections = Vec::new();
+    let mut archive_ok = false;
+    if let Some(sha) = sha {
+        let (s, ok) = local(&cx, sha)?;
+        sections.push(s);
+        archive_ok = ok;
+    }
+    if opts.wants(Group::Registry) {
+        sections.push(registry_group(&cx, archive_ok)?);
+    }
+    let bench = &cx.bench;
+    let load_end = loadavg();
+    let contention = match (snap_start, cpu_snap()) {
+        (Some(a), Some(b)) => {
+            let wall = b.at.duration_since(a.at).as_secs_f64();
+            let ours = bench.cpu.get().as_secs_f64() + (b.own - a.own);
+            let others = (b.busy - a.busy - ours).max(0.0);
+            let share = others / (wall * cores as f64).max(1e-9);
+            let mut text = format!(
+                "- CPU while measuring ({wall:.0} s × {cores} cores): {:.1} s busy, {ours:.1} s of it the measured \
+                 commands, the registries and xtask, so other processes used about {others:.1} s ({:.0}%); \
+                 hypervisor steal {:.1} s",
+                b.busy - a.busy,
+                share * 100.0,
+                b.steal - a.steal
+            );
+            if share > 0.05 {
+                text.push_str("\n- warning: the cores were shared with other work, so the times are pessimistic");
+            }
+            text
+        }
+        _ => "- CPU contention unknown (/proc/stat unreadable)".into(),
+    };
+    println!("{contention}");
+    println!("  load average at end: {load_end}");
+
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "\n## bundle bench ({} of layers requested, {} layout)\n",
+        mb(opts.bytes),
+        mb(cx.layout_bytes)
+    );
+    let _ = writeln!(report, "{info}\n- load average at end: {load_end}");
+    let _ = writeln!(report, "{contention}");
+    let _ = writeln!(
+        report,
+        "- method: wall time is the best of {} runs, peak RSS the highest of them (ru_maxrss from wait4, \
+         the largest process of a pipeline or sequence; it counts the file pages a process maps, too); \
+         the first run also warms the page cache; `sync` runs before every run; bundle fsyncs what it \
+         writes (create, extract), the peers do not unless said",
+        opts.runs
+    );
+    for s in &sections {
+        for n in &s.notes {
+            let _ = writeln!(report, "- {n}");
+        }
+    }
+    report.push('\n');
+    let speed_rows: Vec<Vec<String>> = sections
+        .iter_mut()
+        .flat_map(|s| std::mem::take(&mut s.rows))
+        .map(|r| vec![r.what, r.ours, r.peer, r.ratio, r.target, r.result])
+        .collect();
+    report.push_str(&table(
+        &["measurement", "bundle", "peer", "ratio", "target", "result"],
+        &speed_rows,
+    ));
+    report.push('\n');
+    let rss_rows: Vec<Vec<String>> = sections
+        .iter_mut()
+        .flat_map(|s| std::mem::take(&mut s.rss))
+        .collect();
+    report.push_str(&table(
+        &["command", "peak RSS", "peer peak RSS", "target", "result"],
+        &rss_rows,
+    ));
+    println!("{report}");
+    let report_path = cx.out.join("report.md");
+    std::fs::write(&report_path, &report)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    println!(
+        "report saved in {}; logs in {}",
+        util::show(&Command::new(&report_path)),
+        util::show(&Command::new(&bench.logs))
+    );
+
+    let errors: Vec<String> = sections.into_iter().flat_map(|s| s.errors).collect();
+    if !errors.is_empty() {
+        bail!(
+            "{} command(s) failed (a failure, not a missed target):\n{}",
+            errors.len(),
+            errors.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// create, verify and extract against tar + zstd, openssl's sha256 and tar -x. Also says
+/// whether it left `all.bundle` behind for the registry group.
+fn local(cx: &Cx, sha: f64) -> Result<(Section, bool)> {
+    let (bench, out, data, layout, cores) = (&cx.bench, &cx.out, &cx.data, &cx.layout, cx.cores);
+    let plain_blobs: Vec<String> = cx.marker["set"]["plain_blobs"]
+        .as_array()
+        .ok_or_else(|| anyhow!("{} has no set.plain_blobs", cx.marker_path.display()))?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    let layout_bytes = cx.layout_bytes;
+    let plain_bytes: u64 = plain_blobs
+        .iter()
+        .map(|b| disk_bytes(&layout.join(b)))
+        .sum();
+    let p = |name: &str| out.join(name);
+    let bundle = |args: &[&dyn AsRef<OsStr>]| vec![cx.bundle(data, args)];
+    let (all_bundle, all_zst, plain_bundle, plain_zst) = (
+        cx.all_bundle(),
+        p("all.tar.zst"),
+        p("plain.bundle"),
+        p("plain.tar.zst"),
+    );
+    let (x_ours, x_peer) = (p("extract-bundle"), p("extract-peer"));
+
     let create = bench.best("create", &|| remove(&all_bundle), &|| {
         bundle(&[&"create", &"bundle.yaml", &"-o", &all_bundle])
     });
     let create_peer = bench.best("create-peer", &|| remove(&all_zst), &|| {
         vec![
-            cmd("tar", &[&"-cf", &"-", &"-C", &layout, &"."]),
+            cmd("tar", &[&"-cf", &"-", &"-C", layout, &"."]),
             cmd(
                 "zstd",
                 &[&"-T0", &"-3", &"-q", &"-f", &"-", &"-o", &all_zst],
@@ -416,7 +705,7 @@ pub fn run(args: &[String]) -> Result<()> {
             r#"tar -cf - -C "$1" . | zstd -T0 -3 -q -f - -o "$2" && sync "$2""#,
             "sh",
         ])
-        .arg(&layout)
+        .arg(layout)
         .arg(&all_zst_fsync);
         vec![sh]
     });
@@ -424,7 +713,7 @@ pub fn run(args: &[String]) -> Result<()> {
         bundle(&[&"create", &"bundle-plain.yaml", &"-o", &plain_bundle])
     });
     let plain_peer = bench.best("create-plain-peer", &|| remove(&plain_zst), &|| {
-        let mut tar = cmd("tar", &[&"-cf", &"-", &"-C", &layout]);
+        let mut tar = cmd("tar", &[&"-cf", &"-", &"-C", layout]);
         tar.args(&plain_blobs);
         vec![
             tar,
@@ -473,52 +762,12 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         Err(anyhow!("skipped: tar | zstd failed"))
     };
-    let load_end = loadavg();
-    let contention = match (snap_start, cpu_snap()) {
-        (Some(a), Some(b)) => {
-            let wall = b.at.duration_since(a.at).as_secs_f64();
-            let ours = bench.cpu.get().as_secs_f64() + (b.own - a.own);
-            let others = (b.busy - a.busy - ours).max(0.0);
-            let share = others / (wall * cores as f64).max(1e-9);
-            let mut text = format!(
-                "- CPU while measuring ({wall:.0} s × {cores} cores): {:.1} s busy, {ours:.1} s of it the measured \
-                 commands and xtask, so other processes used about {others:.1} s ({:.0}%); hypervisor steal {:.1} s",
-                b.busy - a.busy,
-                share * 100.0,
-                b.steal - a.steal
-            );
-            if share > 0.05 {
-                text.push_str("\n- warning: the cores were shared with other work, so the times are pessimistic");
-            }
-            text
-        }
-        _ => "- CPU contention unknown (/proc/stat unreadable)".into(),
-    };
-    println!("{contention}");
-    println!("  load average at end: {load_end}");
+    // The extracted copies are large and of no further use.
+    remove(&x_ours)?;
+    remove(&x_peer)?;
 
-    // The speed table.
-    let mut rows: Vec<Row> = Vec::new();
-    let speedup = |what: String,
-                   ours: &Result<Best>,
-                   peer: &Result<Best>,
-                   in_bytes: u64,
-                   peer_name: &str,
-                   target: Option<f64>| match (ours, peer) {
-        (Ok(o), Ok(p)) => {
-            let r = p.wall.as_secs_f64() / o.wall.as_secs_f64().max(1e-9);
-            Row {
-                what,
-                ours: format!("{}, {}", secs(o.wall), rate(in_bytes, o.wall)),
-                peer: format!("{}, {} ({peer_name})", secs(p.wall), rate(in_bytes, p.wall)),
-                ratio: format!("{r:.2} (peer time / ours)"),
-                target: target.map_or_else(|| "—".into(), |t| format!("≥ {t:.1}")),
-                result: target.map_or_else(|| "info".into(), |t| verdict(r >= t).into()),
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => failed_row(&what, e),
-    };
-    rows.push(speedup(
+    let mut s = Section::default();
+    s.rows.push(speedup(
         format!("create bundle.yaml ({} of layout in)", mb(layout_bytes)),
         &create,
         &create_peer,
@@ -526,7 +775,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "tar -C layout . | zstd -T0 -3",
         Some(1.0),
     ));
-    rows.push(speedup(
+    s.rows.push(speedup(
         "create bundle.yaml, peer also fsyncs".into(),
         &create,
         &create_peer_fsync,
@@ -536,7 +785,7 @@ pub fn run(args: &[String]) -> Result<()> {
     ));
     if create.is_ok() && create_peer.is_ok() {
         let (a, b) = (disk_bytes(&all_bundle), disk_bytes(&all_zst));
-        rows.push(Row {
+        s.rows.push(Row {
             what: "archive size (bundle.yaml)".into(),
             ours: mb(a),
             peer: format!("{} (.tar.zst)", mb(b)),
@@ -545,7 +794,7 @@ pub fn run(args: &[String]) -> Result<()> {
             result: "info".into(),
         });
     }
-    rows.push(speedup(
+    s.rows.push(speedup(
         format!("create bundle-plain.yaml ({} of blobs in)", mb(plain_bytes)),
         &plain,
         &plain_peer,
@@ -555,7 +804,7 @@ pub fn run(args: &[String]) -> Result<()> {
     ));
     if plain.is_ok() && plain_peer.is_ok() {
         let (a, b) = (disk_bytes(&plain_bundle), disk_bytes(&plain_zst));
-        rows.push(Row {
+        s.rows.push(Row {
             what: "archive size (bundle-plain.yaml)".into(),
             ours: mb(a),
             peer: format!("{} (.tar.zst)", mb(b)),
@@ -569,7 +818,7 @@ pub fn run(args: &[String]) -> Result<()> {
         ("verify", &verify, Some(0.7)),
         ("verify --deep", &deep, None),
     ] {
-        rows.push(match res {
+        s.rows.push(match res {
             Ok(o) => {
                 let ours = archive_bytes as f64 / o.wall.as_secs_f64().max(1e-9);
                 let r = ours / sha;
@@ -585,7 +834,7 @@ pub fn run(args: &[String]) -> Result<()> {
             Err(e) => failed_row(what, e),
         });
     }
-    rows.push(speedup(
+    s.rows.push(speedup(
         format!("extract ({} archive)", mb(archive_bytes)),
         &extract,
         &extract_peer,
@@ -594,8 +843,6 @@ pub fn run(args: &[String]) -> Result<()> {
         None,
     ));
 
-    // The memory table.
-    let mut rss_rows: Vec<Vec<String>> = Vec::new();
     for (what, ours, peer) in [
         ("bundle create bundle.yaml", &create, Some(&create_peer)),
         ("bundle create bundle-plain.yaml", &plain, Some(&plain_peer)),
@@ -603,73 +850,9 @@ pub fn run(args: &[String]) -> Result<()> {
         ("bundle verify --deep", &deep, None),
         ("bundle extract", &extract, Some(&extract_peer)),
     ] {
-        let peer = match peer {
-            Some(Ok(p)) => mib(p.rss),
-            Some(Err(_)) => "failed".into(),
-            None => "—".into(),
-        };
-        rss_rows.push(match ours {
-            Ok(o) => vec![
-                what.into(),
-                mib(o.rss),
-                peer,
-                format!("≤ {}", mib(RSS_TARGET)),
-                verdict(o.rss <= RSS_TARGET).into(),
-            ],
-            Err(_) => vec![
-                what.into(),
-                "failed".into(),
-                peer,
-                format!("≤ {}", mib(RSS_TARGET)),
-                "ERROR".into(),
-            ],
-        });
+        s.rss.push(rss_row(what, ours, peer));
     }
-
-    let mut report = String::new();
-    let _ = writeln!(
-        report,
-        "\n## bundle bench ({} of layers requested, {} layout)\n",
-        mb(opts.bytes),
-        mb(layout_bytes)
-    );
-    let _ = writeln!(report, "{info}\n- load average at end: {load_end}");
-    let _ = writeln!(report, "{contention}");
-    let _ = writeln!(
-        report,
-        "- method: wall time is the best of {} runs, peak RSS the highest of them (ru_maxrss from wait4, \
-         the largest process of a pipeline); the first run also warms the page cache; `sync` runs \
-         before every run; bundle fsyncs what it writes (create, extract), the peers do not unless said\n",
-        opts.runs
-    );
-    let speed_rows: Vec<Vec<String>> = rows
-        .into_iter()
-        .map(|r| vec![r.what, r.ours, r.peer, r.ratio, r.target, r.result])
-        .collect();
-    report.push_str(&table(
-        &["measurement", "bundle", "peer", "ratio", "target", "result"],
-        &speed_rows,
-    ));
-    report.push('\n');
-    report.push_str(&table(
-        &["command", "peak RSS", "peer peak RSS", "target", "result"],
-        &rss_rows,
-    ));
-    println!("{report}");
-    let report_path = out.join("report.md");
-    std::fs::write(&report_path, &report)
-        .with_context(|| format!("writing {}", report_path.display()))?;
-    println!(
-        "report saved in {}; logs in {}",
-        util::show(&Command::new(&report_path)),
-        util::show(&Command::new(&bench.logs))
-    );
-
-    // The extracted copies are large and of no further use.
-    remove(&x_ours)?;
-    remove(&x_peer)?;
-
-    let errors: Vec<String> = [
+    s.errors_of(&[
         ("create", &create),
         ("create-peer", &create_peer),
         ("create-peer-fsync", &create_peer_fsync),
@@ -679,18 +862,310 @@ pub fn run(args: &[String]) -> Result<()> {
         ("verify-deep", &deep),
         ("extract", &extract),
         ("extract-peer", &extract_peer),
-    ]
-    .into_iter()
-    .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{n}: {e:#}")))
-    .collect();
-    if !errors.is_empty() {
-        bail!(
-            "{} command(s) failed (a failure, not a missed target):\n{}",
-            errors.len(),
-            errors.join("\n")
-        );
+    ]);
+    Ok((s, have_archive))
+}
+
+/// The peer's pull target, under the output directory.
+const PULL_OCI: &str = "pull-oci";
+
+/// One image of the bench set, as the registry group names it.
+struct BenchImage {
+    /// Repository and tag without the registry host, `bench/svc-a:1.0`.
+    path: String,
+    /// Its tag in the bench layout, `svc-a-1.0`.
+    layout_tag: String,
+    /// Its tag in the peer's pulled OCI directory, `svc-a`.
+    short: String,
+}
+
+/// The images of the marker's `set.images`, `registry.example/bench/svc-a:1.0` with layout
+/// tag `svc-a-1.0`.
+fn bench_images(marker: &serde_json::Value) -> Option<Vec<BenchImage>> {
+    marker["set"]["images"]
+        .as_array()?
+        .iter()
+        .map(|i| {
+            let name = i["name"].as_str()?;
+            let (_host, path) = name.split_once('/')?;
+            let repo = path.rsplit_once(':').map_or(path, |(r, _)| r);
+            let short = repo.rsplit('/').next()?.to_owned();
+            Some(BenchImage {
+                path: path.to_owned(),
+                layout_tag: i["tag"].as_str()?.to_owned(),
+                short,
+            })
+        })
+        .collect()
+}
+
+/// A bundle.yaml that pulls `images` from `addr`.
+fn pull_yaml(addr: &str, images: &[BenchImage]) -> String {
+    let mut y = String::from("name: bench-pull\nversion: 1.0.0\nimages:\n");
+    for i in images {
+        let _ = writeln!(y, "  - name: {addr}/{}", i.path);
     }
-    Ok(())
+    y
+}
+
+/// push, re-push and pull through a local registry, against skopeo.
+fn registry_group(cx: &Cx, archive_ok: bool) -> Result<Section> {
+    let bench = &cx.bench;
+    let mut s = Section::default();
+    let images = bench_images(&cx.marker)
+        .ok_or_else(|| anyhow!("{} has no usable set.images", cx.marker_path.display()))?;
+    let archive = cx.all_bundle();
+    let pushed_bytes = cx.layout_bytes;
+    let fail_all = |s: &mut Section, e: anyhow::Error| {
+        s.rows
+            .push(failed_row("push, pull through a local registry", &e));
+        let e: Result<Best> = Err(e);
+        s.rss.push(rss_row("bundle push", &e, None));
+        s.errors_of(&[("registry group", &e)]);
+    };
+    if !archive_ok {
+        // `--only registry`, or a create that failed above: make the archive, unmeasured.
+        let mut c = cx.bundle(&cx.data, &[&"create", &"bundle.yaml", &"-o", &archive]);
+        if let Err(e) = remove(&archive).and_then(|()| util::run(&mut c)) {
+            fail_all(&mut s, e);
+            return Ok(s);
+        }
+    }
+
+    let reg_root = cx.out.join("registry");
+    let starts = std::cell::Cell::new(0u32);
+    let current: RefCell<Option<Registry>> = RefCell::new(None);
+    // Stops the running registry, if any, counting its CPU as ours.
+    let stop = || -> Result<()> {
+        if let Some(r) = current.borrow_mut().take() {
+            let cpu = r.stop()?;
+            bench.cpu.set(bench.cpu.get() + cpu);
+        }
+        Ok(())
+    };
+    // A registry on empty storage, the one before stopped.
+    let fresh = || -> Result<()> {
+        stop()?;
+        let n = starts.get() + 1;
+        starts.set(n);
+        let r = Registry::start(
+            &reg_root.join(n.to_string()),
+            &bench.logs.join(format!("registry.{n}.log")),
+        )?;
+        *current.borrow_mut() = Some(r);
+        Ok(())
+    };
+    let addr = || {
+        current
+            .borrow()
+            .as_ref()
+            .map(Registry::addr)
+            .unwrap_or_default()
+    };
+    let reg_cpu = || current.borrow().as_ref().and_then(Registry::cpu);
+    let side: Side<'_> = Some(&reg_cpu);
+    let push_ours = || {
+        let a = addr();
+        vec![vec![cx.bundle(
+            &cx.out,
+            &[
+                &"push",
+                &archive,
+                &"--registry",
+                &a,
+                &"--insecure-registry",
+                &a,
+            ],
+        )]]
+    };
+
+    let push = bench.best_steps("push", &fresh, &push_ours, side);
+    let repush = if push.is_ok() {
+        bench.best_steps("repush", &|| Ok(()), &push_ours, side)
+    } else {
+        Err(anyhow!("skipped: bundle push failed"))
+    };
+
+    // Pull what our push left in the registry, into a new archive and into an OCI layout.
+    let pull_dir = cx.out.join("pull");
+    let (pull_cache, pull_bundle, pull_lock) = (
+        pull_dir.join("cache"),
+        pull_dir.join("pull.bundle"),
+        pull_dir.join("bundle.lock"),
+    );
+    let pull_oci = cx.out.join(PULL_OCI);
+    let (pull, pull_peer) = if push.is_ok() {
+        let yaml = pull_dir.join("pull.yaml");
+        let written = std::fs::create_dir_all(&pull_dir)
+            .and_then(|()| std::fs::write(&yaml, pull_yaml(&addr(), &images)))
+            .with_context(|| format!("writing {}", yaml.display()));
+        let pull = written.and_then(|()| {
+            bench.best_steps(
+                "pull",
+                &|| {
+                    for p in [&pull_cache, &pull_bundle, &pull_lock] {
+                        remove(p)?;
+                    }
+                    std::fs::create_dir_all(&pull_cache)
+                        .with_context(|| format!("creating {}", pull_cache.display()))
+                },
+                &|| {
+                    let a = addr();
+                    vec![vec![cx.bundle(
+                        &pull_dir,
+                        &[
+                            &"create",
+                            &"pull.yaml",
+                            &"-o",
+                            &"pull.bundle",
+                            &"--cache",
+                            &"cache",
+                            &"--insecure-registry",
+                            &a,
+                        ],
+                    )]]
+                },
+                side,
+            )
+        });
+        let pull_peer = bench.best_steps(
+            "pull-peer",
+            &|| remove(&pull_oci),
+            &|| {
+                let a = addr();
+                images
+                    .iter()
+                    .map(|i| {
+                        let mut c = cmd(
+                            "skopeo",
+                            &[
+                                &"copy",
+                                &"--src-tls-verify=false",
+                                &"--all",
+                                &format!("docker://{a}/{}", i.path),
+                                &format!("oci:{PULL_OCI}:{}", i.short),
+                            ],
+                        );
+                        c.current_dir(&cx.out);
+                        vec![c]
+                    })
+                    .collect()
+            },
+            side,
+        );
+        (pull, pull_peer)
+    } else {
+        let skip = || Err(anyhow!("skipped: bundle push failed"));
+        (skip(), skip())
+    };
+    let pulled_bytes = disk_bytes(&pull_bundle);
+    let stopped = stop();
+
+    let push_peer = stopped.and_then(|()| {
+        bench.best_steps(
+            "push-peer",
+            &fresh,
+            &|| {
+                let a = addr();
+                images
+                    .iter()
+                    .map(|i| {
+                        // The bench's bundle.yaml names the layout relative to the data set.
+                        let mut c = cmd(
+                            "skopeo",
+                            &[
+                                &"copy",
+                                &"--dest-tls-verify=false",
+                                &"--preserve-digests",
+                                &"--all",
+                                &format!("oci:layout:{}", i.layout_tag),
+                                &format!("docker://{a}/{}", i.path),
+                            ],
+                        );
+                        c.current_dir(&cx.data);
+                        vec![c]
+                    })
+                    .collect()
+            },
+            side,
+        )
+    });
+    let stopped = stop();
+    for p in [&pull_dir, &pull_oci, &reg_root] {
+        remove(p)?;
+    }
+
+    let n = images.len();
+    s.rows.push(speedup(
+        format!(
+            "push all.bundle ({n} images, {} of layout) to an empty registry",
+            mb(pushed_bytes)
+        ),
+        &push,
+        &push_peer,
+        pushed_bytes,
+        &format!("skopeo copy --preserve-digests --all oci:layout:TAG docker://…, {n} runs"),
+        Some(2.0),
+    ));
+    s.rows.push(match (&repush, &push) {
+        (Ok(r), Ok(p)) => {
+            let share = r.wall.as_secs_f64() / p.wall.as_secs_f64().max(1e-9);
+            Row {
+                what: "re-push of the unchanged archive to the same registry".into(),
+                ours: format!(
+                    "{}{}",
+                    secs(r.wall),
+                    r.side_cpu.map_or_else(String::new, |c| format!(
+                        ", registry CPU {:.2} s",
+                        c.as_secs_f64()
+                    ))
+                ),
+                peer: "—".into(),
+                ratio: format!("{:.2}% (of the first push)", share * 100.0),
+                target: "≤ 2%".into(),
+                result: verdict(share <= 0.02).into(),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => failed_row("re-push", e),
+    });
+    s.rows.push(speedup(
+        format!(
+            "pull the {n} images (ours also compresses and fsyncs a {} archive)",
+            mb(pulled_bytes)
+        ),
+        &pull,
+        &pull_peer,
+        pushed_bytes,
+        &format!("skopeo copy --all docker://… oci:DIR:NAME, {n} runs, one DIR"),
+        Some(1.5),
+    ));
+    s.rss.push(rss_row("bundle push", &push, Some(&push_peer)));
+    s.rss.push(rss_row("bundle push (re-push)", &repush, None));
+    s.rss.push(rss_row(
+        "bundle create pull.yaml (pull)",
+        &pull,
+        Some(&pull_peer),
+    ));
+    s.notes.push(format!(
+        "registry rows: {} `serve` on 127.0.0.1 with a free port, filesystem storage on the same disk, \
+         log level error; a fresh registry for each push run, and the one of our last push serves the \
+         re-push and both pulls; `bundle push` and `bundle create` run with their default --jobs (8), \
+         the pull with an empty --cache; skopeo runs once per image (the peer column is the sum) and \
+         keeps the digests (--preserve-digests; without it, it compresses the plain image's layers); \
+         registry CPU is its user + system time during the fastest run",
+        registry::PROGRAM
+    ));
+    s.errors_of(&[
+        ("push", &push),
+        ("repush", &repush),
+        ("pull", &pull),
+        ("pull-peer", &pull_peer),
+        ("push-peer", &push_peer),
+    ]);
+    if let Err(e) = stopped {
+        s.errors.push(format!("registry: {e:#}"));
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -710,7 +1185,38 @@ mod tests {
         let args = |s: &[&str]| s.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
         let o = parse(&args(&["--bytes", "20M", "--runs=3"])).expect("valid");
         assert_eq!((o.bytes, o.runs), (20_000_000, 3));
+        assert_eq!(o.only, None);
+        let o = parse(&args(&["--only", "registry"])).expect("valid");
+        assert_eq!(o.only, Some(Group::Registry));
+        assert!(o.wants(Group::Registry) && !o.wants(Group::Local));
+        assert!(parse(&args(&["--only=nothing"])).is_err());
         assert!(parse(&args(&["--runs", "0"])).is_err());
         assert!(parse(&args(&["--what"])).is_err());
+    }
+
+    #[test]
+    fn names_the_bench_images_for_the_registry() {
+        let marker = serde_json::json!({"set": {"images": [
+            {"name": "registry.example/bench/svc-a:1.0", "tag": "svc-a-1.0"},
+            {"name": "registry.example/bench/data:1.0", "tag": "data-1.0"},
+        ]}});
+        let images = bench_images(&marker).expect("images");
+        let got: Vec<(&str, &str, &str)> = images
+            .iter()
+            .map(|i| (i.path.as_str(), i.layout_tag.as_str(), i.short.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("bench/svc-a:1.0", "svc-a-1.0", "svc-a"),
+                ("bench/data:1.0", "data-1.0", "data")
+            ]
+        );
+        assert_eq!(
+            pull_yaml("127.0.0.1:5000", &images),
+            "name: bench-pull\nversion: 1.0.0\nimages:\n  - name: 127.0.0.1:5000/bench/svc-a:1.0\n  \
+             - name: 127.0.0.1:5000/bench/data:1.0\n"
+        );
+        assert!(bench_images(&serde_json::json!({"set": {}})).is_none());
     }
 }

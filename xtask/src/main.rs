@@ -5,6 +5,7 @@
 mod bench;
 mod ci;
 mod quickstart;
+mod registry;
 mod util;
 
 use std::process::ExitCode;
@@ -16,10 +17,12 @@ commands:
   quickstart              build bundle, make the small test images under quickstart-out/ and
                           create, verify, inspect and extract a demo archive (no network, no
                           cluster)
-  bench [--bytes N] [--runs N]
-                          measure bundle against tar + zstd, openssl sha256 and tar -x on a
-                          generated image set of N bytes (default 1G, cached under
-                          target/bench-data); best of N runs (default 2)
+  bench [--bytes N] [--runs N] [--only local|registry]
+                          measure bundle against tar + zstd, openssl sha256 and tar -x (local),
+                          and push, re-push and pull against skopeo through a local
+                          docker-registry (registry), on a generated image set of N bytes
+                          (default 1G, cached under target/bench-data); best of N runs
+                          (default 2); --only runs one group
   ci                      install the test peers (Debian: skopeo, umoci, zstd; cargo-fuzz)
                           and run fmt, clippy, docs, tidy, a fuzz run and every test
   tidy                    check the architecture invariants (ARCHITECTURE.md)

@@ -71,8 +71,6 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// One process of a measured pipeline.
 #[derive(Debug, Clone)]
 pub struct Proc {
-    /// Its command line.
-    pub line: String,
     /// Peak resident set size in bytes.
     pub max_rss: u64,
     /// User plus system CPU time.
@@ -100,19 +98,40 @@ impl Measured {
     }
 }
 
-/// Waits for child `pid` and returns its exit status and resource usage.
+/// What `wait4` reports about a reaped child.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    /// Peak resident set size in bytes (`ru_maxrss`; file pages it mapped count too).
+    pub max_rss: u64,
+    /// User plus system CPU time.
+    pub cpu: Duration,
+}
+
+/// Waits for child `pid` (spawned by us and not yet reaped; std's `Child` is never waited on
+/// for it) and returns its exit status and resource usage.
 #[allow(unsafe_code)]
-fn wait4(pid: u32) -> io::Result<(ExitStatus, libc::rusage)> {
+pub fn wait4(pid: u32) -> io::Result<(ExitStatus, Usage)> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
     // SAFETY: rusage is plain integers and timevals, for which all zero bytes are valid.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let mut status: libc::c_int = 0;
     loop {
         // SAFETY: both pointers are to live locals of the right types; `pid` is our child,
-        // spawned and not yet reaped (std's `Child` is never waited on for it).
+        // spawned and not yet reaped (the caller's contract).
         let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         if r == pid {
-            return Ok((ExitStatus::from_raw(status), usage));
+            let tv = |t: libc::timeval| {
+                Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+                    + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+            };
+            return Ok((
+                ExitStatus::from_raw(status),
+                Usage {
+                    // Linux reports ru_maxrss in KiB.
+                    max_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
+                    cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+                },
+            ));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -169,16 +188,9 @@ pub fn measure(cmds: Vec<Command>, log: &Path) -> Result<Measured> {
     let mut failed = Vec::new();
     for (pid, line, err_path) in &started {
         let (status, usage) = wait4(*pid).with_context(|| format!("waiting for {line}"))?;
-        // Linux reports ru_maxrss in KiB.
-        let max_rss = u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024;
-        let tv = |t: libc::timeval| {
-            Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
-                + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
-        };
         procs.push(Proc {
-            line: line.clone(),
-            max_rss,
-            cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+            max_rss: usage.max_rss,
+            cpu: usage.cpu,
         });
         if !status.success() {
             let text = std::fs::read_to_string(err_path).unwrap_or_default();
@@ -199,6 +211,26 @@ pub fn measure(cmds: Vec<Command>, log: &Path) -> Result<Measured> {
         bail!("{}", failed.join("\n"));
     }
     Ok(Measured { wall, procs })
+}
+
+/// Runs `steps` one after the other, each a pipeline as in [`measure`] (logs `LOG.K...` for
+/// step K), and adds up their wall times; stops at the first that fails.
+pub fn measure_steps(steps: Vec<Vec<Command>>, log: &Path) -> Result<Measured> {
+    if steps.len() == 1 {
+        return measure(steps.into_iter().flatten().collect(), log);
+    }
+    let mut all = Measured {
+        wall: Duration::ZERO,
+        procs: Vec::new(),
+    };
+    for (k, cmds) in steps.into_iter().enumerate() {
+        let mut p = log.as_os_str().to_owned();
+        p.push(format!(".{k}"));
+        let m = measure(cmds, Path::new(&p))?;
+        all.wall += m.wall;
+        all.procs.extend(m.procs);
+    }
+    Ok(all)
 }
 
 /// Total size of the regular files under `path` (or of `path` itself).
@@ -264,6 +296,13 @@ mod tests {
         assert!(m.procs.iter().all(|p| p.max_rss > 0));
         let out = std::fs::read_to_string(dir.join("log.out")).expect("out");
         assert_eq!(out.trim(), "50000000");
+        let steps = measure_steps(
+            vec![vec![Command::new("true")], vec![Command::new("true")]],
+            &dir.join("steps"),
+        )
+        .expect("steps");
+        assert_eq!(steps.procs.len(), 2);
+        assert!(dir.join("steps.1.out").exists());
         let err = measure(vec![Command::new("false")], &dir.join("fail")).expect_err("false fails");
         assert!(format!("{err:#}").contains("`false` failed"), "{err:#}");
         std::fs::remove_dir_all(&dir).expect("cleanup");

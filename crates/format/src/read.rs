@@ -728,6 +728,20 @@ impl<'a> BlobReader<'a> {
         }
     }
 
+    /// For one pass over a large archive: drop each frame's pages once read, so the
+    /// mapping does not stay resident.
+    pub fn release_pages(mut self) -> Self {
+        self.release = true;
+        self
+    }
+
+    /// Skips the content digest check, for readers that stop before the end (an upload in
+    /// chunks, whose receiver checks the digest). Frames are still checked against the index.
+    pub fn without_digest_check(mut self) -> Self {
+        self.check_digest = false;
+        self
+    }
+
     /// Content length.
     pub fn size(&self) -> u64 {
         self.size
@@ -811,7 +825,9 @@ impl<'a> BlobReader<'a> {
                 .min(out.len())
                 .min((self.size - self.done) as usize);
             out[..n].copy_from_slice(&avail[..n]);
-            self.hasher.update(&avail[..n]);
+            if self.check_digest {
+                self.hasher.update(&avail[..n]);
+            }
             self.pos += n;
             self.done += n as u64;
             return Ok(n);
