@@ -1,4 +1,6 @@
 //! `bundle`: carry container images into disconnected Kubernetes clusters.
+// Doc comments on the clap types are help text (`HOST[:PORT]`), not rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 mod config;
 mod registry;
