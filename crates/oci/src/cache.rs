@@ -121,9 +121,14 @@ impl BlobCache {
         size: u64,
         tmp: &Path,
     ) -> Result<u64> {
-        let mut file = tokio::fs::File::create(tmp)
-            .await
-            .map_err(|e| Error::io(tmp, e))?;
+        // Buffered: each write to a tokio file is a trip to a blocking thread, and bodies
+        // arrive in frames of a few KiB.
+        let mut file = tokio::io::BufWriter::with_capacity(
+            1 << 20,
+            tokio::fs::File::create(tmp)
+                .await
+                .map_err(|e| Error::io(tmp, e))?,
+        );
         let mut hasher = Hasher::new();
         let mut have: u64 = 0;
         let mut downloaded: u64 = 0;
@@ -134,9 +139,14 @@ impl BlobCache {
                 let (resp, partial) = client.get_blob(repo, digest, have).await?;
                 if have > 0 && !partial {
                     // The registry ignored the range: start over.
-                    file.set_len(0).await.map_err(|e| Error::io(tmp, e))?;
+                    file.flush().await.map_err(|e| Error::io(tmp, e))?;
+                    file.get_mut()
+                        .set_len(0)
+                        .await
+                        .map_err(|e| Error::io(tmp, e))?;
                     use tokio::io::AsyncSeekExt as _;
-                    file.seek(std::io::SeekFrom::Start(0))
+                    file.get_mut()
+                        .seek(std::io::SeekFrom::Start(0))
                         .await
                         .map_err(|e| Error::io(tmp, e))?;
                     hasher = Hasher::new();
