@@ -545,3 +545,61 @@ fn insecure_registry_accepts_a_self_signed_certificate() {
         .unwrap();
     check_with_skopeo(&reg, &report);
 }
+
+#[test]
+fn pull_resumes_a_cut_download_with_range_and_a_cached_pull_downloads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3usize << 20;
+    let archive = big_archive(dir.path(), 2, size);
+    let reg = Registry::start(Mode::Plain);
+    let rt = rt();
+    let direct = client(&reg, &reg.host(), None);
+    let report = rt
+        .block_on(bundle_oci::push::push(
+            &direct,
+            Arc::clone(&archive),
+            &opts(&reg.host(), 1 << 20, 2),
+        ))
+        .unwrap();
+    // Cut each of the two layer downloads after 2 MiB.
+    let proxy = FaultProxy::start(
+        &reg.host(),
+        vec![
+            Rule::new(harness::Fault::ResetAfter(2 << 20))
+                .when("/blobs/")
+                .limit(2),
+        ],
+    );
+    let host = proxy.host();
+    let c = client(&reg, &host, None);
+    let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
+    let (name, to, digest) = &report.images[0];
+    let r: bundle_oci::Reference =
+        format!("{host}/{}:{}", to.repository, to.tag.as_deref().unwrap())
+            .parse()
+            .unwrap();
+    let pulled = rt
+        .block_on(bundle_oci::pull::pull(&c, &cache, name, &r, &[], 2))
+        .unwrap();
+    assert_eq!(pulled.pulled, *digest);
+    assert!(proxy.faults() >= 1, "no download was cut");
+    let layers = 2 * size as u64;
+    // Resumed, not restarted: well under the 2 MiB a restart would resend per cut layer.
+    assert!(
+        pulled.downloaded < layers + (1 << 20),
+        "downloaded {} for {layers} bytes of layers",
+        pulled.downloaded
+    );
+    for b in &archive.index().blobs {
+        assert!(cache.has(&b.digest, b.size));
+    }
+    // A second pull of the same image downloads only its manifest.
+    let again = rt
+        .block_on(bundle_oci::pull::pull(&c, &cache, name, &r, &[], 2))
+        .unwrap();
+    assert!(
+        again.downloaded < 4096,
+        "a cached pull downloaded {} bytes",
+        again.downloaded
+    );
+}
