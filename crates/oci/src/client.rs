@@ -132,6 +132,9 @@ struct HostState {
     basic: bool,
 }
 
+/// Held while a token for one (host, scope) is fetched.
+type TokenGate = Arc<tokio::sync::Mutex<()>>;
+
 /// Counters for tests and `--stats`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -157,6 +160,8 @@ struct Inner {
     retry: RetryPolicy,
     stats: Mutex<Stats>,
     user_agent: HeaderValue,
+    /// One async lock per (host, scope), held while a token is fetched.
+    token_gates: Mutex<HashMap<(String, String), TokenGate>>,
 }
 
 /// A request to send, rebuildable for retries.
@@ -227,6 +232,7 @@ impl Client {
                 retry: RetryPolicy::default(),
                 stats: Mutex::new(Stats::default()),
                 user_agent: HeaderValue::from_static(concat!("bundle/", env!("CARGO_PKG_VERSION"))),
+                token_gates: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -241,6 +247,7 @@ impl Client {
             retry,
             stats: Mutex::new(Stats::default()),
             user_agent: self.inner.user_agent.clone(),
+            token_gates: Mutex::new(HashMap::new()),
         };
         Client {
             inner: Arc::new(inner),
@@ -256,6 +263,18 @@ impl Client {
         if let Ok(mut s) = self.inner.stats.lock() {
             f(&mut s);
         }
+    }
+
+    fn token_gate(&self, host: &str, scope: &str) -> TokenGate {
+        let mut gates = match self.inner.token_gates.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Arc::clone(
+            gates
+                .entry((host.to_owned(), scope.to_owned()))
+                .or_default(),
+        )
     }
 
     fn host_state<T>(&self, host: &str, f: impl FnOnce(&mut HostState) -> T) -> T {
@@ -316,6 +335,7 @@ impl Client {
         let host = repo.api_host().to_owned();
         let scope_key = scope.to_string();
         let mut tried_auth = false;
+        let mut sent_token: Option<String> = None;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -330,6 +350,7 @@ impl Client {
                         .cloned()
                         .or_else(|| s.basic.then(String::new))
                 });
+                sent_token = auth.clone().filter(|v| !v.is_empty());
                 let value = match auth {
                     Some(v) if !v.is_empty() => Some(v),
                     Some(_) => self.basic_header(&repo.registry)?,
@@ -361,7 +382,8 @@ impl Client {
                             .get(header::WWW_AUTHENTICATE)
                             .and_then(|v| v.to_str().ok())
                             .and_then(auth::parse_challenge);
-                        self.authenticate(repo, scope, challenge).await?;
+                        self.authenticate(repo, scope, challenge, sent_token.as_deref())
+                            .await?;
                         attempt -= 1;
                         continue;
                     }
@@ -421,6 +443,7 @@ impl Client {
         repo: &Repo,
         scope: &Scope,
         challenge: Option<auth::Challenge>,
+        sent: Option<&str>,
     ) -> Result<()> {
         let host = repo.api_host().to_owned();
         let unauthorized = |reason: String| Error::Unauthorized {
@@ -444,6 +467,14 @@ impl Client {
                 Ok(())
             }
             "bearer" => {
+                // One token request per scope at a time: parallel requests that all met the
+                // challenge wait for the first one's token instead of each fetching their own.
+                let gate = self.token_gate(&host, &scope.to_string());
+                let _held = gate.lock().await;
+                let current = self.host_state(&host, |h| h.tokens.get(&scope.to_string()).cloned());
+                if current.is_some() && current.as_deref() != sent {
+                    return Ok(());
+                }
                 let realm = ch
                     .params
                     .get("realm")
