@@ -284,6 +284,13 @@ impl SplitMix {
     }
 }
 
+/// `len` deterministic incompressible bytes: splitmix64 seeded with `seed`, little-endian.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    SplitMix(seed).fill(&mut out);
+    out
+}
+
 /// Appends the directories on the way to `parent` that `open` (the chain emitted last) lacks.
 fn enter_dirs(b: &mut LayerTar, open: &mut Vec<PathBuf>, parent: &Path) -> std::io::Result<()> {
     let chain: Vec<&Path> = {

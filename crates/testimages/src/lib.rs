@@ -8,7 +8,7 @@ mod small;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use bench::{BenchImage, BenchSet, MIN_BENCH_BYTES, bench_set};
+pub use bench::{BenchImage, BenchSet, MIN_BENCH_BYTES, bench_set, noise};
 pub use oci::{
     Descriptor, MEDIA_CONFIG, MEDIA_INDEX, MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_MANIFEST,
     REF_NAME_ANNOTATION,

@@ -100,20 +100,6 @@ fn small_archive(dir: &Path) -> (PathBuf, Arc<Archive>) {
     (out, a)
 }
 
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut s = seed;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn mem_blob(bytes: Vec<u8>, media_type: &str) -> BlobInput {
     BlobInput {
         digest: Digest::of(&bytes),
@@ -128,7 +114,7 @@ fn big_archive(dir: &Path, layers: usize, size: usize) -> Arc<Archive> {
     let mut blobs: Vec<BlobInput> = (0..layers)
         .map(|i| {
             mem_blob(
-                noise(i as u64 + 1, size),
+                bundle_testimages::noise(i as u64 + 1, size),
                 "application/vnd.oci.image.layer.v1.tar+gzip",
             )
         })
