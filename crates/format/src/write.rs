@@ -204,23 +204,12 @@ fn layout_files(input: &BundleInput) -> Result<[Arc<[u8]>; 3]> {
             })
             .collect(),
     };
-    let json = |v: &dyn erased::Ser| -> Result<Arc<[u8]>> {
-        let mut out = v.to_json().map_err(|e| Error::Input(e.to_string()))?;
+    fn json(v: &impl Serialize) -> Result<Arc<[u8]>> {
+        let mut out = serde_json::to_vec(v).map_err(|e| Error::Input(e.to_string()))?;
         out.push(b'\n');
         Ok(Arc::from(out))
-    };
+    }
     Ok([layout, json(&idx)?, json(&meta)?])
-}
-
-mod erased {
-    pub trait Ser {
-        fn to_json(&self) -> serde_json::Result<Vec<u8>>;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn to_json(&self) -> serde_json::Result<Vec<u8>> {
-            serde_json::to_vec(self)
-        }
-    }
 }
 
 fn plan(input: &BundleInput) -> Result<Vec<Member>> {
