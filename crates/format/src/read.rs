@@ -180,15 +180,7 @@ impl Archive {
             }
         }
         let data = map(&given[0])?;
-        let (t, range) = read_trailer(&given[0], data.bytes())?;
-        let index = Index::from_cbor(&data.bytes()[range], &given[0])?;
-        check_part_count(&index, &t)?;
-        let mut archive = Archive {
-            index,
-            id: t.id,
-            index_len: t.index_len,
-            parts: (0..t.count).map(|_| None).collect(),
-        };
+        let (mut archive, t) = Archive::from_end(&given[0], data.bytes())?;
         let expected_paths: Vec<PathBuf> = if given.len() > 1 {
             given.clone()
         } else if t.count == 1 {
@@ -244,15 +236,7 @@ impl Archive {
     /// parts are reported missing when asked for.
     pub fn open_part(path: &Path) -> Result<Archive> {
         let data = map(path)?;
-        let (t, range) = read_trailer(path, data.bytes())?;
-        let index = Index::from_cbor(&data.bytes()[range], path)?;
-        check_part_count(&index, &t)?;
-        let mut archive = Archive {
-            index,
-            id: t.id,
-            index_len: t.index_len,
-            parts: (0..t.count).map(|_| None).collect(),
-        };
+        let (mut archive, t) = Archive::from_end(path, data.bytes())?;
         archive.attach(t.part as usize, path.to_owned(), data, t)?;
         Ok(archive)
     }
@@ -264,15 +248,7 @@ impl Archive {
             return Err(Error::Input("no archive given".into()));
         };
         let path = PathBuf::from("<memory>.000");
-        let (t, range) = read_trailer(&path, &first)?;
-        let index = Index::from_cbor(&first[range], &path)?;
-        check_part_count(&index, &t)?;
-        let mut archive = Archive {
-            index,
-            id: t.id,
-            index_len: t.index_len,
-            parts: (0..t.count).map(|_| None).collect(),
-        };
+        let (mut archive, t) = Archive::from_end(&path, &first)?;
         archive.attach(0, path, Data::Bytes(first), t)?;
         for (i, bytes) in parts {
             let path = PathBuf::from(format!("<memory>.{i:03}"));
@@ -283,6 +259,21 @@ impl Archive {
             archive.attach(i, path, Data::Bytes(bytes), tr)?;
         }
         Ok(archive)
+    }
+
+    /// An archive with no part attached yet, from the trailer and index at the end of the
+    /// part `bytes` (read from `path`).
+    fn from_end(path: &Path, bytes: &[u8]) -> Result<(Archive, Trailer)> {
+        let (t, range) = read_trailer(path, bytes)?;
+        let index = Index::from_cbor(&bytes[range], path)?;
+        check_part_count(&index, &t)?;
+        let archive = Archive {
+            index,
+            id: t.id,
+            index_len: t.index_len,
+            parts: (0..t.count).map(|_| None).collect(),
+        };
+        Ok((archive, t))
     }
 
     fn attach(&mut self, slot: usize, path: PathBuf, data: Data, t: Trailer) -> Result<()> {
