@@ -94,6 +94,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve an archive as a read-only OCI registry, straight from the file (no extraction).
+    Serve {
+        /// The archive, one of its parts, or every part in order.
+        #[arg(required = true)]
+        archive: Vec<PathBuf>,
+        /// Address to listen on (port 0 picks a free port; the address bound is printed).
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        listen: String,
+    },
     /// Extract an archive as an OCI image layout.
     Extract {
         /// The archive (or any one of its parts).
@@ -142,6 +151,7 @@ fn run(cli: Cli) -> Result<()> {
                 registry,
             },
         ),
+        Command::Serve { archive, listen } => serve(&archive, &listen),
         Command::Push {
             archive,
             registry,
@@ -285,6 +295,41 @@ fn create(
         summary.size
     );
     Ok(())
+}
+
+fn serve(archive: &[PathBuf], listen: &str) -> Result<()> {
+    use bundle_oci::server::{ArchiveStore, Backend};
+    let a = Archive::open_parts(archive)?;
+    let store = ArchiveStore::new(a)?;
+    let rt = registry::runtime()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        let local = listener.local_addr()?;
+        let idx = store.archive().index();
+        println!(
+            "serving {} {} ({} images) on http://{local}/v2/",
+            idx.name,
+            idx.version,
+            idx.images.len()
+        );
+        for img in &idx.images {
+            if let Ok(r) = img.name.parse::<bundle_oci::Reference>() {
+                println!(
+                    "  {local}/{}",
+                    r.to_string()
+                        .trim_start_matches(&format!("{}/", r.registry))
+                );
+            }
+        }
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        bundle_oci::server::serve(listener, std::sync::Arc::new(Backend::Archive(store)), stop)
+            .await?;
+        Ok(())
+    })
 }
 
 fn push(

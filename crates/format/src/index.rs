@@ -353,6 +353,71 @@ impl Index {
         Ok(())
     }
 
+    /// The index of a sub-archive holding only `images` (names) and `blobs` (which must
+    /// include everything those images need: the caller reads their manifests). Frames keep
+    /// their bytes and sha256, so the sub-archive's frames are the archive's own frames; each
+    /// frame is a part of its own at offset 0 (see [`crate::Archive::from_frame_files`]).
+    pub fn subset(
+        &self,
+        images: &[&str],
+        blobs: &std::collections::BTreeSet<Digest>,
+    ) -> Result<Index> {
+        let mut out = Index {
+            images: Vec::new(),
+            files: Vec::new(),
+            blobs: Vec::new(),
+            frames: Vec::new(),
+            parts: Vec::new(),
+            ..self.clone()
+        };
+        for name in images {
+            let img = self
+                .images
+                .iter()
+                .find(|i| i.name == *name)
+                .ok_or_else(|| Error::index("images", format!("has no image {name:?}")))?;
+            out.images.push(img.clone());
+        }
+        let copy = |first: u32, n: u32, out_frames: &mut Vec<Frame>| -> u32 {
+            let start = out_frames.len() as u32;
+            for f in &self.frames[first as usize..(first + n) as usize] {
+                out_frames.push(Frame(0, f.1, f.2, f.3));
+            }
+            start
+        };
+        for f in &self.files {
+            let first = copy(f.first_frame, f.frames, &mut out.frames);
+            out.files.push(FileEntry {
+                first_frame: first,
+                ..f.clone()
+            });
+        }
+        for d in blobs {
+            let b = self
+                .blob(d)
+                .ok_or_else(|| Error::index("blobs", format!("has no blob {d}")))?;
+            let first = copy(b.first_frame, b.frames, &mut out.frames);
+            out.blobs.push(BlobEntry {
+                first_frame: first,
+                ..b.clone()
+            });
+        }
+        let end = self.frames.len() as u32 - 1;
+        copy(end, 1, &mut out.frames);
+        out.parts = out
+            .frames
+            .iter()
+            .enumerate()
+            .map(|(i, f)| Part {
+                first_frame: i as u32,
+                frames: 1,
+                size: u64::from(f.csize()),
+            })
+            .collect();
+        out.validate()?;
+        Ok(out)
+    }
+
     /// The blob with this digest.
     pub fn blob(&self, digest: &Digest) -> Option<&BlobEntry> {
         self.blobs

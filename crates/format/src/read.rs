@@ -261,6 +261,52 @@ impl Archive {
         Ok(archive)
     }
 
+    /// Opens the frames of a sub-archive (see [`Index::subset`]) stored one per file, as the
+    /// agent's `inject` mode finds them mounted from ConfigMaps: `index` is the CBOR index,
+    /// whose sha256 must be `expected`, and frame `i` is the file `dir/<hex sha256 of the
+    /// frame>`. Every frame is checked against the index whenever it is read.
+    pub fn from_frame_files(index: &Path, expected: Digest, dir: &Path) -> Result<Archive> {
+        let bytes = fs::read(index).map_err(|e| Error::io(index, e))?;
+        let found = Digest::of(&bytes);
+        if found != expected {
+            return Err(Error::NotABundle {
+                path: index.to_owned(),
+                reason: format!("index is {found}, expected {expected}"),
+            });
+        }
+        let idx = Index::from_cbor(&bytes, index)?;
+        if idx.parts.len() != idx.frames.len() {
+            return Err(Error::index(
+                "parts",
+                format!(
+                    "a frame-file index has one part per frame; {} parts, {} frames",
+                    idx.parts.len(),
+                    idx.frames.len()
+                ),
+            ));
+        }
+        let mut parts = Vec::with_capacity(idx.frames.len());
+        for (i, f) in idx.frames.iter().enumerate() {
+            let path = dir.join(Digest::from_bytes(*f.sha256()).hex());
+            let data = map(&path)?;
+            if data.bytes().len() as u64 != u64::from(f.csize()) {
+                return Err(Error::PartSize {
+                    path,
+                    part: i as u32,
+                    expected: u64::from(f.csize()),
+                    found: data.bytes().len() as u64,
+                });
+            }
+            parts.push(Some(PartSlot { path, data }));
+        }
+        Ok(Archive {
+            index: idx,
+            id: expected,
+            index_len: bytes.len() as u64,
+            parts,
+        })
+    }
+
     /// An archive with no part attached yet, from the trailer and index at the end of the
     /// part `bytes` (read from `path`).
     fn from_end(path: &Path, bytes: &[u8]) -> Result<(Archive, Trailer)> {

@@ -5,9 +5,11 @@ pub mod auth;
 pub mod cache;
 pub mod client;
 pub mod error;
+pub mod manifest;
 pub mod pull;
 pub mod push;
 pub mod reference;
+pub mod server;
 pub mod transport;
 
 pub use client::{Client, Repo, Scope};

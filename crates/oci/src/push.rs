@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, mpsc};
 use bundle_format::{Archive, Digest};
 
 use crate::api::{BodyFactory, UploadStart};
+use crate::manifest::{Doc, OCI_MANIFEST};
 use crate::transport::ReqBody;
 use crate::{BoxError, Client, Error, Reference, Repo, Result, Scope};
 
@@ -167,22 +168,6 @@ struct ImagePlan {
     manifests: Vec<(Digest, String)>,
 }
 
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Doc {
-    media_type: Option<String>,
-    manifests: Option<Vec<Desc>>,
-    config: Option<Desc>,
-    layers: Option<Vec<Desc>>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Desc {
-    media_type: Option<String>,
-    digest: String,
-}
-
 fn plan_image(
     archive: &Archive,
     name: &str,
@@ -208,7 +193,7 @@ fn plan_image(
             return Ok(());
         }
         let bytes = archive.read_blob(&d)?;
-        let doc: Doc = serde_json::from_slice(&bytes)
+        let doc = Doc::parse(&bytes)
             .map_err(|e| Error::Invalid(format!("archive manifest {d} of {}: {e}", plan.name)))?;
         let parse = |s: &str| -> Result<Digest> {
             s.parse::<Digest>()
@@ -223,10 +208,10 @@ fn plan_image(
             let mt = child
                 .media_type
                 .clone()
-                .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into());
+                .unwrap_or_else(|| OCI_MANIFEST.into());
             walk(archive, plan, cd, &mt, depth + 1)?;
         }
-        for b in doc.config.iter().chain(doc.layers.iter().flatten()) {
+        for b in doc.blobs() {
             plan.blobs.insert(parse(&b.digest)?);
         }
         let mt = doc.media_type.unwrap_or_else(|| media_type.to_owned());

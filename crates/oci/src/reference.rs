@@ -72,7 +72,7 @@ impl fmt::Display for Reference {
     }
 }
 
-fn valid_component(c: &str) -> bool {
+pub(crate) fn valid_component(c: &str) -> bool {
     // [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*
     let b = c.as_bytes();
     if b.is_empty() || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
@@ -98,7 +98,7 @@ fn valid_component(c: &str) -> bool {
     true
 }
 
-fn valid_tag(t: &str) -> bool {
+pub(crate) fn valid_tag(t: &str) -> bool {
     let b = t.as_bytes();
     !b.is_empty()
         && b.len() <= 128
