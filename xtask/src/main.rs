@@ -6,6 +6,7 @@ mod bench;
 mod ci;
 mod quickstart;
 mod registry;
+mod statics;
 mod util;
 
 use std::process::ExitCode;
@@ -23,8 +24,12 @@ commands:
                           docker-registry (registry), on a generated image set of N bytes
                           (default 1G, cached under target/bench-data); best of N runs
                           (default 2); --only runs one group
+  static                  build the in-cluster binaries: the static bundle-agent
+                          (target/x86_64-unknown-linux-gnu/min-size/) and the stage0 loader
+                          (target/stage0/release/); check that both are static and within
+                          their size budgets (stage0 64 KiB, agent 8 MiB)
   ci                      install the test peers (Debian: skopeo, umoci, zstd; cargo-fuzz)
-                          and run fmt, clippy, docs, tidy, a fuzz run and every test
+                          and run fmt, clippy, docs, tidy, a fuzz run, static and every test
   tidy                    check the architecture invariants (ARCHITECTURE.md)
   fuzz [SECONDS]          build the fuzz targets (nightly) and run each for SECONDS (30)
   help                    print this message";
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("quickstart") => quickstart::run(rest),
         Some("bench") => bench::run(rest),
+        Some("static") => statics::run(&util::root()),
         Some("ci") => ci::ci(&util::root()),
         Some("tidy") => ci::tidy(&util::root()),
         Some("fuzz") => ci::fuzz(&util::root(), fuzz_seconds(rest)),

@@ -20,7 +20,7 @@ pub fn run(addr: &str, backend: Backend) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr().context("local address")?;
-        println!("listening on {local}");
+        crate::say(&format!("listening on {local}"));
         serve(listener, Arc::new(backend), stop_signal()).await?;
         Ok(())
     })

@@ -62,16 +62,23 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         Some("registry") => registry::run(&Opts::parse(rest, &["root", "listen"])?),
         Some("inject") => inject::run(&Opts::parse(rest, &["chunks", "index", "listen"])?),
         Some("version" | "--version") => {
-            println!("bundle-agent {}", env!("CARGO_PKG_VERSION"));
+            say(&format!("bundle-agent {}", env!("CARGO_PKG_VERSION")));
             Ok(())
         }
         Some("help" | "-h" | "--help") => {
-            println!("{USAGE}");
+            say(USAGE);
             Ok(())
         }
         Some(other) => anyhow::bail!("unknown mode {other:?}\n\n{USAGE}"),
         None => anyhow::bail!("{USAGE}"),
     }
+}
+
+/// Prints a line to stdout; a closed pipe is not an error (`bundle-agent help | head`).
+pub(crate) fn say(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 fn main() -> ExitCode {

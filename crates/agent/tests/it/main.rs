@@ -1,1 +1,2 @@
 //! Integration tests of bundle-agent.
+mod stage0;

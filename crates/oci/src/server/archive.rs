@@ -49,14 +49,15 @@ impl ArchiveStore {
             if let Some(tag) = &r.tag {
                 let key = (r.repository.clone(), tag.clone());
                 if let Some(first) = owner.get(&key)
-                    && repo.tags.get(tag) != Some(&img.digest) {
-                        return Err(Error::Collision {
-                            first: first.clone(),
-                            second: img.name.clone(),
-                            repo: r.repository.clone(),
-                            tag: tag.clone(),
-                        });
-                    }
+                    && repo.tags.get(tag) != Some(&img.digest)
+                {
+                    return Err(Error::Collision {
+                        first: first.clone(),
+                        second: img.name.clone(),
+                        repo: r.repository.clone(),
+                        tag: tag.clone(),
+                    });
+                }
                 owner.insert(key, img.name.clone());
                 repo.tags.insert(tag.clone(), img.digest);
             }

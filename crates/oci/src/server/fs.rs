@@ -404,15 +404,16 @@ impl FsStore {
         rx: &mut mpsc::Receiver<Result<Bytes, String>>,
     ) -> Result<(), ApiError> {
         if let Some(s) = start
-            && s != state.size {
-                return Err(ApiError::new(
-                    Code::RangeInvalid,
-                    format!(
-                        "upload {id}: chunk starts at {s}, the upload has {} bytes",
-                        state.size
-                    ),
-                ));
-            }
+            && s != state.size
+        {
+            return Err(ApiError::new(
+                Code::RangeInvalid,
+                format!(
+                    "upload {id}: chunk starts at {s}, the upload has {} bytes",
+                    state.size
+                ),
+            ));
+        }
         let p = self.upload_dir(id).join("data");
         let mut f = OpenOptions::new()
             .write(true)
@@ -533,12 +534,13 @@ impl FsStore {
     ) -> Result<(Digest, Option<Digest>), ApiError> {
         let digest = Digest::of(body);
         if let Ref::Digest(d) = reference
-            && *d != digest {
-                return Err(ApiError::new(
-                    Code::DigestInvalid,
-                    format!("manifest body is {digest}, the request names {d}"),
-                ));
-            }
+            && *d != digest
+        {
+            return Err(ApiError::new(
+                Code::DigestInvalid,
+                format!("manifest body is {digest}, the request names {d}"),
+            ));
+        }
         let invalid = |m: String| ApiError::new(Code::ManifestInvalid, m);
         let doc = Doc::parse(body).map_err(|e| invalid(format!("manifest {digest}: {e}")))?;
         let media_type = match (doc.media_type.as_deref(), content_type) {

@@ -105,9 +105,10 @@ pub async fn pump(mut body: Incoming, tx: mpsc::Sender<Result<Bytes, String>>) {
         match frame {
             Ok(f) => {
                 if let Ok(data) = f.into_data()
-                    && tx.send(Ok(data)).await.is_err() {
-                        return;
-                    }
+                    && tx.send(Ok(data)).await.is_err()
+                {
+                    return;
+                }
             }
             Err(e) => {
                 let _ = tx.send(Err(e.to_string())).await;
@@ -117,10 +118,14 @@ pub async fn pump(mut body: Incoming, tx: mpsc::Sender<Result<Bytes, String>>) {
     }
 }
 
+/// A `Range` header that lies wholly outside the content (416).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// The one byte range a `Range: bytes=...` header asks for, as inclusive `(first, last)`.
 /// `Ok(None)`: no header, or one we do not handle (several ranges, other units), so the whole
-/// content goes out. `Err(())`: a range that lies outside the content (416).
-pub fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
+/// content goes out.
+pub fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
     };
@@ -139,7 +144,7 @@ pub fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>,
             return Ok(None);
         };
         if n == 0 || size == 0 {
-            return Err(());
+            return Err(Unsatisfiable);
         }
         return Ok(Some((size - n.min(size), size - 1)));
     }
@@ -155,7 +160,7 @@ pub fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>,
         }
     };
     if first >= size {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some((first, last)))
 }
@@ -175,7 +180,7 @@ pub fn parse_content_range(v: &HeaderValue) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn range(v: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    fn range(v: &str, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
         let mut h = HeaderMap::new();
         h.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
         parse_range(&h, size)
@@ -188,13 +193,16 @@ mod tests {
         assert_eq!(range("bytes=90-500", 100), Ok(Some((90, 99))));
         assert_eq!(range("bytes=-10", 100), Ok(Some((90, 99))));
         assert_eq!(range("bytes=-500", 100), Ok(Some((0, 99))));
-        assert_eq!(range("bytes=100-", 100), Err(()));
-        assert_eq!(range("bytes=-0", 100), Err(()));
+        assert_eq!(range("bytes=100-", 100), Err(Unsatisfiable));
+        assert_eq!(range("bytes=-0", 100), Err(Unsatisfiable));
         assert_eq!(range("bytes=5-1", 100), Ok(None));
         assert_eq!(range("bytes=0-1,5-6", 100), Ok(None));
         assert_eq!(range("items=0-1", 100), Ok(None));
         assert_eq!(range("bytes=x-1", 100), Ok(None));
-        assert_eq!(range("bytes=18446744073709551615-", 100), Err(()));
+        assert_eq!(
+            range("bytes=18446744073709551615-", 100),
+            Err(Unsatisfiable)
+        );
     }
 
     #[test]

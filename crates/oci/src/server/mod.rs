@@ -7,7 +7,7 @@
 pub mod archive;
 pub mod error;
 pub mod fs;
-mod http_io;
+pub mod http_io;
 pub mod route;
 
 use std::future::Future;
@@ -355,9 +355,10 @@ fn paginate(all: Listing, page: &Page, base: &str) -> (Listing, Vec<(&'static st
     let items: Listing = rest.iter().take(n).cloned().collect();
     let mut link = Vec::new();
     if rest.len() > n
-        && let Some(last) = items.last() {
-            link.push(("link", format!("<{base}?n={n}&last={last}>; rel=\"next\"")));
-        }
+        && let Some(last) = items.last()
+    {
+        link.push(("link", format!("<{base}?n={n}&last={last}>; rel=\"next\"")));
+    }
     (items, link)
 }
 
@@ -468,7 +469,7 @@ async fn blob(
             let size = blocking(move || b.blob_size(&n, &digest)).await?;
             let range = match http_io::parse_range(headers, size) {
                 Ok(r) => r,
-                Err(()) => {
+                Err(http_io::Unsatisfiable) => {
                     return respond(
                         StatusCode::RANGE_NOT_SATISFIABLE,
                         &[
@@ -662,12 +663,13 @@ async fn write_upload(
         fs.append(&i, &mut guard, start, &mut rx)?;
         let got = FsStore::upload_size(&guard) - before;
         if let Some(want) = declared
-            && got != want {
-                return Err(ApiError::new(
-                    Code::SizeInvalid,
-                    format!("upload {i}: Content-Length {want}, body {got} bytes"),
-                ));
-            }
+            && got != want
+        {
+            return Err(ApiError::new(
+                Code::SizeInvalid,
+                format!("upload {i}: Content-Length {want}, body {got} bytes"),
+            ));
+        }
         if let Some(d) = finish {
             fs.finish(&n, &i, &mut guard, &d)?;
         }

@@ -494,4 +494,48 @@ mod tests {
         let long = format!("/v2/{}/tags/list", "a".repeat(300));
         assert_eq!(parse(&long, None).unwrap_err().code, Code::NameInvalid);
     }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn component() -> impl Strategy<Value = String> {
+            "[a-z0-9]{1,8}([._-][a-z0-9]{1,8}){0,2}"
+        }
+
+        fn name() -> impl Strategy<Value = String> {
+            prop::collection::vec(component(), 1..4).prop_map(|c| c.join("/"))
+        }
+
+        proptest! {
+            /// Any target parses or fails with an error; a parsed name is always valid.
+            #[test]
+            fn never_panics(path in "/v2/[ -~]{0,80}", query in proptest::option::of("[ -~]{0,40}")) {
+                if let Ok(r) = parse(&path, query.as_deref())
+                    && let Some(n) = r.name()
+                {
+                    prop_assert!(valid_name(n));
+                    prop_assert!(!n.split('/').any(|c| c == ".." || c == "."));
+                }
+            }
+
+            /// Arbitrary bytes, percent-encoded, never panic either.
+            #[test]
+            fn encoded_bytes(bytes in prop::collection::vec(any::<u8>(), 0..60)) {
+                let enc: String = bytes.iter().map(|b| format!("%{b:02x}")).collect();
+                let _ = parse(&format!("/v2/a/manifests/{enc}"), Some(&enc));
+                let _ = parse(&format!("/v2/{enc}/blobs/uploads/"), None);
+            }
+
+            /// Valid names and tags come back as they went in.
+            #[test]
+            fn round_trip(n in name(), tag in "[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}") {
+                let r = parse(&format!("/v2/{n}/manifests/{tag}"), None).unwrap();
+                prop_assert_eq!(r, Route::Manifest { name: n.clone(), reference: Ref::Tag(tag) });
+                let r = parse(&format!("/v2/{n}/tags/list"), Some("n=3")).unwrap();
+                prop_assert_eq!(r, Route::Tags { name: n, page: Page { n: Some(3), last: None } });
+            }
+        }
+    }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
+use crate::containerd::{Containerd, PLATFORM};
 use crate::harness::{
     Fault, FaultProxy, Mode, PASSWORD, Registry, Rule, USER, oci_ref, require_tool, skopeo,
     skopeo_copy, small_images,
@@ -294,4 +295,64 @@ fn harness_missing_tool_fails_with_the_fix() {
         message,
         "bundle-no-such-tool is not installed; run `cargo xtask ci`, which installs it"
     );
+}
+
+#[test]
+fn harness_containerd_pulls_from_the_plain_registry_and_unpacks() {
+    let reg = Registry::start(Mode::Plain);
+    let (_tmp, set) = small_images();
+    reg.push(&oci_ref(&set, "app-1.0"), "selftest/app:1.0")
+        .unwrap();
+    // The whole index (both platforms); ctr picks linux/amd64 from it.
+    let mut flags = reg.skopeo_dest_args();
+    flags.push("--all".to_owned());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    skopeo_copy(
+        &oci_ref(&set, "multi-1.0"),
+        &reg.docker_ref("selftest/multi:1.0"),
+        &flags,
+    )
+    .unwrap();
+
+    let started = std::time::Instant::now();
+    let containerd = Containerd::start();
+    eprintln!("containerd answered after {:?}", started.elapsed());
+
+    for (repo_ref, dir) in [("selftest/app:1.0", "app"), ("selftest/multi:1.0", "multi")] {
+        let reference = format!("{}/{repo_ref}", reg.host());
+        let served = format!(
+            "sha256:{}",
+            hex(&Sha256::digest(reg.inspect_raw(repo_ref).unwrap()))
+        );
+
+        let started = std::time::Instant::now();
+        let pulled = containerd
+            .pull(&reference, &["--plain-http", "--platform", PLATFORM])
+            .unwrap();
+        eprintln!("ctr pulled {reference} in {:?}", started.elapsed());
+        assert_eq!(pulled.digest, served, "{reference}");
+        assert_eq!(containerd.image_digest(&reference).unwrap(), Some(served));
+        assert!(containerd.is_unpacked(&reference).unwrap(), "{reference}");
+
+        // Unpacked for real: the rootfs holds the base layer and the amd64 app layer.
+        let rootfs = containerd.snapshot_dir(&pulled.chain_id).unwrap();
+        assert!(rootfs.join("bin/hello").is_file(), "{}", rootfs.display());
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join(dir).join("arch")).unwrap(),
+            "amd64\n"
+        );
+    }
+
+    // The plain helper agrees, also on a second pull of the same image.
+    let app = format!("{}/selftest/app:1.0", reg.host());
+    let digest = containerd.pull_plain_http(&app).unwrap();
+    assert_eq!(containerd.image_digest(&app).unwrap(), Some(digest));
+    containerd.images_rm(&app).unwrap();
+    assert_eq!(containerd.image_digest(&app).unwrap(), None);
+
+    // A missing tag fails with ctr's stderr.
+    let err = containerd
+        .pull_plain_http(&format!("{}/selftest/app:nope", reg.host()))
+        .unwrap_err();
+    assert!(err.contains("not found"), "{err}");
 }

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bad_registry;
+mod containerd;
 mod harness;
 mod harness_selftest;
 mod registry_e2e;
