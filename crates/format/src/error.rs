@@ -11,12 +11,12 @@ use crate::Digest;
 #[non_exhaustive]
 pub enum Error {
     /// An operating-system error on a named file.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A string that should be a digest is not one.
     #[error("invalid digest {value:?}: {reason}")]
@@ -204,10 +204,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 

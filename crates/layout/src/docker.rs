@@ -49,9 +49,9 @@ pub(crate) fn resolve(
     let what = loc.place.to_string();
     let bytes = loc.read(&what, JSON_LIMIT)?;
     let entries: Vec<DockerEntry> =
-        serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        serde_json::from_slice(&bytes).map_err(|cause| Error::Json {
             what: what.clone(),
-            source,
+            cause,
         })?;
     let (i, entry) = select(archive, &entries, reference)?;
     let what = format!("{what} [{i}]");
@@ -70,9 +70,9 @@ pub(crate) fn resolve(
         });
     }
     let platform = serde_json::from_slice::<json::JsonPlatform>(&config)
-        .map_err(|source| Error::Json {
+        .map_err(|cause| Error::Json {
             what: config_what,
-            source,
+            cause,
         })?
         .platform();
     if !filter.is_empty()
@@ -147,9 +147,9 @@ pub(crate) fn resolve(
         },
         layers,
     };
-    let manifest = serde_json::to_vec(&manifest).map_err(|source| Error::Json {
+    let manifest = serde_json::to_vec(&manifest).map_err(|cause| Error::Json {
         what: format!("manifest made for {what}"),
-        source,
+        cause,
     })?;
     let manifest_digest = Digest::of(&manifest);
     let manifest_size = manifest.len() as u64;

@@ -38,20 +38,20 @@ impl fmt::Display for Place {
 #[non_exhaustive]
 pub enum Error {
     /// An operating-system error on a named file.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A JSON document does not parse into what it should be.
-    #[error("{what}: invalid JSON: {source}")]
+    #[error("{what}: invalid JSON: {cause}")]
     Json {
         /// The document and where it was read from.
         what: String,
         /// The parser's error.
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     /// A source string names a transport this crate does not read.
     #[error(
@@ -112,14 +112,14 @@ pub enum Error {
         layout: PathBuf,
     },
     /// A digest field is not a sha256 digest.
-    #[error("{what}: {field}: {source}")]
+    #[error("{what}: {field}: {cause}")]
     InvalidDigest {
         /// The document holding the field.
         what: String,
         /// The field, e.g. `layers[2].digest`.
         field: String,
         /// Why the value was refused.
-        source: Box<bundle_format::Error>,
+        cause: Box<bundle_format::Error>,
     },
     /// Content does not hash to the digest that names it.
     #[error("{what}: content hashes to {found}, expected {expected}")]
@@ -256,10 +256,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

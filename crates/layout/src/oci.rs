@@ -30,7 +30,7 @@ impl Ref {
         let digest = d.digest.parse().map_err(|e| Error::InvalidDigest {
             what: doc.to_owned(),
             field: format!("{field}.digest"),
-            source: Box::new(e),
+            cause: Box::new(e),
         })?;
         let attests =
             (d.annotation(json::REFERENCE_TYPE) == Some("attestation-manifest")).then(|| {
@@ -88,7 +88,7 @@ pub(crate) fn resolve(
     let what = format!("{}", layout_file.place);
     let bytes = layout_file.read(&what, JSON_LIMIT)?;
     let layout: json::LayoutFile =
-        serde_json::from_slice(&bytes).map_err(|source| Error::Json { what, source })?;
+        serde_json::from_slice(&bytes).map_err(|cause| Error::Json { what, cause })?;
     if !layout.image_layout_version.starts_with("1.") {
         return Err(not_layout(format!(
             "unsupported imageLayoutVersion {:?} (this tool reads 1.x)",
@@ -100,9 +100,9 @@ pub(crate) fn resolve(
         .ok_or_else(|| not_layout("not an OCI image layout: no index.json".into()))?;
     let what = format!("{}", index_file.place);
     let bytes = index_file.read(&what, JSON_LIMIT)?;
-    let index: json::Index = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+    let index: json::Index = serde_json::from_slice(&bytes).map_err(|cause| Error::Json {
         what: what.clone(),
-        source,
+        cause,
     })?;
     let entries = index.manifests.unwrap_or_default();
     let (i, chosen) = select(root, &entries, tag)?;
@@ -329,9 +329,9 @@ impl Walk<'_> {
         what: &str,
         filtering: bool,
     ) -> Result<Option<Node>> {
-        let m: json::Manifest = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        let m: json::Manifest = serde_json::from_slice(&bytes).map_err(|cause| Error::Json {
             what: what.to_owned(),
-            source,
+            cause,
         })?;
         let config = Ref::parse(&m.config, what, "config")?;
         let config_bytes = self
@@ -339,7 +339,7 @@ impl Walk<'_> {
             .read_blob(&config.digest, config.size, "config")?;
         let config_platform = match serde_json::from_slice::<json::JsonPlatform>(&config_bytes) {
             Ok(p) => p.platform(),
-            Err(source)
+            Err(cause)
                 if matches!(
                     config.media_type.as_deref(),
                     Some(json::OCI_CONFIG | json::DOCKER_CONFIG)
@@ -347,7 +347,7 @@ impl Walk<'_> {
             {
                 return Err(Error::Json {
                     what: format!("config {} (from {what})", config.digest),
-                    source,
+                    cause,
                 });
             }
             // An artifact's config need not be JSON; it has no platform then.
@@ -413,9 +413,9 @@ impl Walk<'_> {
         depth: usize,
         filtering: bool,
     ) -> Result<Option<Node>> {
-        let idx: json::Index = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        let idx: json::Index = serde_json::from_slice(&bytes).map_err(|cause| Error::Json {
             what: what.to_owned(),
-            source,
+            cause,
         })?;
         let children = idx
             .manifests
@@ -492,9 +492,9 @@ impl Walk<'_> {
 /// The index `bytes` with only the `kept` entries of `manifests`, re-serialized. Everything
 /// else is carried over as parsed; the output is a function of the input alone.
 fn rewrite(bytes: &[u8], kept: &[(usize, Node)], what: &str) -> Result<Vec<u8>> {
-    let json_err = |source| Error::Json {
+    let json_err = |cause| Error::Json {
         what: what.to_owned(),
-        source,
+        cause,
     };
     let mut doc: serde_json::Value = serde_json::from_slice(bytes).map_err(json_err)?;
     let Some(list) = doc.get_mut("manifests").and_then(|v| v.as_array_mut()) else {
@@ -528,9 +528,9 @@ fn rewrite(bytes: &[u8], kept: &[(usize, Node)], what: &str) -> Result<Vec<u8>> 
 
 /// The kind of a document whose descriptor has no media type.
 fn sniff(bytes: &[u8], what: &str) -> Result<(Kind, String)> {
-    let s: json::Sniff = serde_json::from_slice(bytes).map_err(|source| Error::Json {
+    let s: json::Sniff = serde_json::from_slice(bytes).map_err(|cause| Error::Json {
         what: what.to_owned(),
-        source,
+        cause,
     })?;
     if let Some(mt) = s.media_type {
         return match Kind::of(&mt) {

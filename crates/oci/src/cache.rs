@@ -157,7 +157,7 @@ impl BlobCache {
                     let frame = frame.map_err(|e| Error::Transport {
                         registry: repo.registry.clone(),
                         action: format!("GET blob {reference} at byte {have}"),
-                        source: e,
+                        cause: e,
                     })?;
                     let Ok(data) = frame.into_data() else {
                         continue;

@@ -371,7 +371,7 @@ impl Client {
                 Err(e) => Err(Error::Transport {
                     registry: host.clone(),
                     action: call.action.clone(),
-                    source: e,
+                    cause: e,
                 }),
                 Ok(resp) => {
                     let status = resp.status();

@@ -21,14 +21,14 @@ pub enum Error {
         reason: String,
     },
     /// The registry could not be reached (DNS, connect, TLS, reset) even after retries.
-    #[error("{registry}: {action}: {source}")]
+    #[error("{registry}: {action}: {cause}")]
     Transport {
         /// Registry host.
         registry: String,
         /// What was being done, e.g. `GET /v2/library/nginx/manifests/1.27`.
         action: String,
         /// The cause.
-        source: BoxError,
+        cause: BoxError,
     },
     /// The registry answered with an unexpected status.
     #[error("{registry}: {action}: {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
@@ -101,12 +101,12 @@ pub enum Error {
         reason: String,
     },
     /// A local file error.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A TLS configuration error (CA file, certificate).
     #[error("tls: {0}")]
@@ -135,10 +135,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 

@@ -7,6 +7,7 @@ mod golden;
 mod platform;
 mod registry;
 mod reproducible;
+mod serve;
 mod snapshots;
 mod split;
 mod support;

@@ -124,14 +124,14 @@ impl std::error::Error for ApiError {}
 #[non_exhaustive]
 pub enum Error {
     /// A filesystem operation failed.
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}: {cause}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// What was being done.
         op: &'static str,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The archive could not be read.
     #[error(transparent)]
@@ -157,21 +157,21 @@ pub enum Error {
         reason: String,
     },
     /// The listener failed.
-    #[error("listening on {addr}: {source}")]
+    #[error("listening on {addr}: {cause}")]
     Listen {
         /// The address.
         addr: String,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, cause: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
             op,
-            source,
+            cause,
         }
     }
 }

@@ -452,6 +452,24 @@ impl FsStore {
         Ok(())
     }
 
+    /// Undoes a chunk: the upload goes back to `size` bytes.
+    pub(super) fn rollback(
+        &self,
+        id: &str,
+        state: &mut UploadState,
+        size: u64,
+    ) -> Result<(), ApiError> {
+        let p = self.upload_dir(id).join("data");
+        OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| Error::io(&p, "truncate", e))?;
+        state.hasher = None;
+        state.size = size;
+        Ok(())
+    }
+
     /// After a failed write the file may hold part of a chunk: trust the file, rehash later.
     fn resync(&self, state: &mut UploadState, data: &Path) {
         state.hasher = None;

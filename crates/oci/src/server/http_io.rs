@@ -165,15 +165,16 @@ pub fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>,
     Ok(Some((first, last)))
 }
 
-/// The start of a `Content-Range: START-END` (also `bytes START-END/TOTAL`) of a PATCH.
-pub fn parse_content_range(v: &HeaderValue) -> Option<u64> {
+/// The inclusive `(start, end)` of a `Content-Range: START-END` (also `bytes START-END/TOTAL`)
+/// of a PATCH.
+pub fn parse_content_range(v: &HeaderValue) -> Option<(u64, u64)> {
     let s = v.to_str().ok()?.trim();
     let s = s.strip_prefix("bytes ").unwrap_or(s);
     let s = s.split('/').next()?;
     let (a, b) = s.split_once('-')?;
     let a: u64 = a.trim().parse().ok()?;
     let b: u64 = b.trim().parse().ok()?;
-    (b >= a).then_some(a)
+    (b >= a).then_some((a, b))
 }
 
 #[cfg(test)]
@@ -208,9 +209,9 @@ mod tests {
     #[test]
     fn content_ranges() {
         let p = |s: &str| parse_content_range(&HeaderValue::from_str(s).unwrap());
-        assert_eq!(p("0-99"), Some(0));
-        assert_eq!(p("100-199"), Some(100));
-        assert_eq!(p("bytes 100-199/*"), Some(100));
+        assert_eq!(p("0-99"), Some((0, 99)));
+        assert_eq!(p("100-199"), Some((100, 199)));
+        assert_eq!(p("bytes 100-199/*"), Some((100, 199)));
         assert_eq!(p("9-1"), None);
         assert_eq!(p("x"), None);
     }

@@ -188,6 +188,12 @@ pub async fn serve(
 pub async fn handle(backend: Arc<Backend>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let (parts, body) = req.into_parts();
+    // An error may be answered before the body is read; the connection cannot be reused then.
+    let has_body = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || parts.headers.contains_key(header::TRANSFER_ENCODING);
     let result = match route::parse(parts.uri.path(), parts.uri.query()) {
         Ok(r) => dispatch(backend, &method, &parts.headers, r, body).await,
         Err(e) => Err(e),
@@ -198,7 +204,12 @@ pub async fn handle(backend: Arc<Backend>, req: Request<Incoming>) -> Response<B
             if e.status.is_server_error() {
                 eprintln!("{method} {}: {e}", parts.uri);
             }
-            error_response(&method, &e)
+            let mut r = error_response(&method, &e);
+            if has_body {
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            r
         }
     };
     resp.headers_mut().insert(
@@ -566,7 +577,11 @@ async fn upload_start(
     let id = blocking(move || Ok(b.fs()?.start_upload(&n)?)).await?;
     match digest {
         Some(d) => {
-            let r = write_upload(backend, headers, &name, &id, None, Some(d), body).await;
+            let r = write_upload(backend.clone(), headers, &name, &id, None, Some(d), body).await;
+            if r.is_err() {
+                // The client never learnt this upload's id: nothing could resume it.
+                backend.fs()?.discard(&id);
+            }
             r.and_then(|_| created_blob(&name, &d))
         }
         None => respond(
@@ -597,7 +612,7 @@ async fn upload(
             respond(StatusCode::NO_CONTENT, &h, Body::empty())
         }
         Method::PATCH => {
-            let start = match headers.get(header::CONTENT_RANGE) {
+            let range = match headers.get(header::CONTENT_RANGE) {
                 None => None,
                 Some(v) => Some(http_io::parse_content_range(v).ok_or_else(|| {
                     ApiError::new(
@@ -606,7 +621,7 @@ async fn upload(
                     )
                 })?),
             };
-            let size = write_upload(backend, headers, &name, &id, start, None, body).await?;
+            let size = write_upload(backend, headers, &name, &id, range, None, body).await?;
             respond(
                 StatusCode::ACCEPTED,
                 &upload_headers(&name, &id, size),
@@ -643,7 +658,7 @@ async fn write_upload(
     headers: &HeaderMap,
     name: &str,
     id: &str,
-    start: Option<u64>,
+    range: Option<(u64, u64)>,
     finish: Option<Digest>,
     body: Incoming,
 ) -> Result<u64, ApiError> {
@@ -660,11 +675,25 @@ async fn write_upload(
     let writer = tokio::task::spawn_blocking(move || {
         let fs = b.fs()?;
         let before = FsStore::upload_size(&guard);
-        fs.append(&i, &mut guard, start, &mut rx)?;
+        fs.append(&i, &mut guard, range.map(|r| r.0), &mut rx)?;
         let got = FsStore::upload_size(&guard) - before;
+        // A chunk that is not what its headers say leaves the upload as it was.
+        if let Some((a, z)) = range
+            && got != z - a + 1
+        {
+            fs.rollback(&i, &mut guard, before)?;
+            return Err(ApiError::new(
+                Code::RangeInvalid,
+                format!(
+                    "upload {i}: Content-Range {a}-{z} is {} bytes, the body {got}",
+                    z - a + 1
+                ),
+            ));
+        }
         if let Some(want) = declared
             && got != want
         {
+            fs.rollback(&i, &mut guard, before)?;
             return Err(ApiError::new(
                 Code::SizeInvalid,
                 format!("upload {i}: Content-Length {want}, body {got} bytes"),

@@ -6,3 +6,4 @@ mod containerd;
 mod harness;
 mod harness_selftest;
 mod registry_e2e;
+mod server_conformance;
