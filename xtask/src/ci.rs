@@ -79,67 +79,68 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-/// Checks the architecture invariants a command can check.
-pub fn tidy(root: &Path) -> Result<()> {
-    // ARCHITECTURE.md: "format never touches the network": no async runtime, no HTTP, no kube.
+/// The normal (non-dev) dependencies of a workspace package, one `name vX` per line.
+fn deps(root: &Path, package: &str) -> Result<String> {
     let out = Command::new("cargo")
-        .args([
-            "tree",
-            "-p",
-            "bundle-format",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
+        .args(["tree", "-p", package, "-e", "normal", "--prefix", "none"])
         .current_dir(root)
         .output()
         .context("cargo tree")?;
     if !out.status.success() {
         bail!(
-            "cargo tree -p bundle-format failed: {}",
+            "cargo tree -p {package} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let tree = String::from_utf8_lossy(&out.stdout);
-    for banned in [
-        "tokio ",
-        "hyper ",
-        "reqwest ",
-        "kube ",
-        "bundle-layout ",
-        "bundle-cli ",
-    ] {
-        if let Some(line) = tree.lines().find(|l| l.starts_with(banned)) {
-            bail!(
-                "tidy: bundle-format must not depend on {}: found {line}",
-                banned.trim()
-            );
-        }
-    }
-    let out = Command::new("cargo")
-        .args([
-            "tree",
-            "-p",
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The dependency rules of ARCHITECTURE.md ("Invariants"): package, crates it must not depend
+/// on (directly or not), and why.
+const DEPENDENCY_RULES: &[(&str, &[&str], &str)] = &[
+    (
+        "bundle-format",
+        &[
+            "tokio",
+            "hyper",
+            "reqwest",
+            "kube",
             "bundle-layout",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
-        .current_dir(root)
-        .output()
-        .context("cargo tree")?;
-    let tree = String::from_utf8_lossy(&out.stdout);
-    for banned in ["tokio ", "hyper ", "kube "] {
-        if let Some(line) = tree.lines().find(|l| l.starts_with(banned)) {
-            bail!(
-                "tidy: bundle-layout reads local files only, must not depend on {}: {line}",
-                banned.trim()
-            );
+            "bundle-cli",
+        ],
+        "format never touches the network and knows nothing above it",
+    ),
+    (
+        "bundle-layout",
+        &["tokio", "hyper", "kube"],
+        "layout reads local files only",
+    ),
+    (
+        "bundle-agent",
+        &["clap", "bundle-cli", "serde_yaml"],
+        "the in-cluster agent carries no command-line framework or CLI code",
+    ),
+];
+
+/// Checks the architecture invariants a command can check.
+pub fn tidy(root: &Path) -> Result<()> {
+    for (package, banned, why) in DEPENDENCY_RULES {
+        let tree = deps(root, package)?;
+        for b in *banned {
+            let prefix = format!("{b} ");
+            if let Some(line) = tree.lines().find(|l| l.starts_with(&prefix)) {
+                bail!("tidy: {package} must not depend on {b} ({why}): found {line}");
+            }
         }
     }
-    eprintln!("tidy: ok (bundle-format and bundle-layout have no network or async dependencies)");
+    eprintln!(
+        "tidy: ok ({})",
+        DEPENDENCY_RULES
+            .iter()
+            .map(|(p, _, why)| format!("{p}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
     Ok(())
 }
 
@@ -161,35 +162,60 @@ pub fn fuzz(root: &Path, seconds: u32) -> Result<()> {
         run(root, "cargo", &["install", "cargo-fuzz", "--locked"], &[])?;
     }
     let fuzz = root.join("fuzz");
-    run(
-        &fuzz,
-        "cargo",
-        &["+nightly", "fuzz", "build", "archive_reader"],
-        &[],
-    )?;
-    let corpus = fuzz.join("corpus").join("archive_reader");
-    std::fs::create_dir_all(&corpus)?;
-    let golden = root.join("testdata/golden/golden.bundle");
-    if golden.exists() {
-        let mut seed = vec![0u8];
-        seed.extend(std::fs::read(&golden)?);
-        std::fs::write(corpus.join("golden"), seed)?;
-    }
     let max_time = format!("-max_total_time={seconds}");
-    run(
-        &fuzz,
-        "cargo",
-        &[
-            "+nightly",
-            "fuzz",
-            "run",
-            "archive_reader",
-            "--",
-            &max_time,
-            "-rss_limit_mb=2048",
-        ],
-        &[],
-    )
+    for target in FUZZ_TARGETS {
+        run(&fuzz, "cargo", &["+nightly", "fuzz", "build", target], &[])?;
+        let corpus = fuzz.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        seed_corpus(root, target, &corpus)?;
+        run(
+            &fuzz,
+            "cargo",
+            &[
+                "+nightly",
+                "fuzz",
+                "run",
+                target,
+                "--",
+                &max_time,
+                "-rss_limit_mb=2048",
+            ],
+            &[],
+        )?;
+    }
+    Ok(())
+}
+
+/// The cargo-fuzz targets under fuzz/fuzz_targets.
+const FUZZ_TARGETS: [&str; 2] = ["archive_reader", "server_request"];
+
+/// Starting inputs: the golden archive for the reader, typical requests for the server.
+fn seed_corpus(root: &Path, target: &str, corpus: &Path) -> Result<()> {
+    match target {
+        "archive_reader" => {
+            let golden = root.join("testdata/golden/golden.bundle");
+            if golden.exists() {
+                let mut seed = vec![0u8];
+                seed.extend(std::fs::read(&golden)?);
+                std::fs::write(corpus.join("golden"), seed)?;
+            }
+        }
+        "server_request" => {
+            let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+            let seeds = [
+                format!(
+                    "/v2/team/app/manifests/1.0\nbytes=0-9\n0-99\n{{\"schemaVersion\":2,\"config\":{{\"digest\":\"{d}\"}}}}"
+                ),
+                format!("/v2/a/b/blobs/uploads/?mount={d}&from=c\nbytes=-5\nbytes 1-2/*\n{{}}"),
+                "/v2/_catalog?n=10&last=x\n\n\n".to_owned(),
+            ];
+            for (i, s) in seeds.iter().enumerate() {
+                std::fs::write(corpus.join(format!("seed-{i}")), s)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// stage0's own workspace (crates/stage0/README.md says why it is one).
