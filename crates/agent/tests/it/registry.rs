@@ -154,6 +154,11 @@ impl Agent {
         }
     }
 
+    /// The process id (the agent's own when a wrapper execs it).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `127.0.0.1:PORT`, as it goes into an image reference.
     pub(crate) fn host(&self) -> &str {
         &self.addr
@@ -837,4 +842,75 @@ fn a_root_it_cannot_create_is_refused_naming_it_once() {
         exited.stderr
     );
     assert_cause_once(&exited.stderr);
+}
+
+/// The agent needs no privilege: as uid/gid 65534 with every capability dropped and
+/// `no_new_privs` (what the pod's securityContext gives it), it stores and serves, and what it
+/// writes belongs to that user.
+#[test]
+fn it_runs_as_non_root_without_capabilities() {
+    use std::os::unix::fs::MetadataExt as _;
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let set = bundle_testimages::small_set(&dir.path().join("images")).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::os::unix::fs::chown(&root, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+    ])
+    .arg(env!("CARGO_BIN_EXE_bundle-agent"))
+    .args(["registry", "--listen", "127.0.0.1:0", "--root"])
+    .arg(&root)
+    .current_dir(dir.path());
+    let agent = Agent::start(cmd);
+    let host = agent.host();
+    let from = format!("oci:{}:app-1.0", set.layout.display());
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        &from,
+        &format!("docker://{host}/team/app:1.0"),
+    ])
+    .unwrap();
+    let want = set
+        .images
+        .iter()
+        .find(|i| i.tag.as_deref() == Some("app-1.0"))
+        .and_then(|i| i.descriptor.as_ref())
+        .unwrap()
+        .digest
+        .clone();
+    assert_eq!(served_digest(host, "team/app:1.0").unwrap(), want);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    assert!(field("Uid:").starts_with("65534"), "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    let blobs: Vec<_> = std::fs::read_dir(root.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!blobs.is_empty());
+    for b in blobs {
+        assert_eq!(
+            std::fs::metadata(&b).unwrap().uid(),
+            NOBODY,
+            "{}",
+            b.display()
+        );
+    }
 }
