@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: measures `bundle` against the tools a user would reach for instead
-//! (tar + zstd, openssl's sha256, tar -x; skopeo against a local registry) on a generated
-//! image set, in one run, and prints Markdown tables with the targets. A missed target is
-//! reported, never an error: benchmarks report, tests assert.
+//! (tar + zstd, openssl's sha256, tar -x; skopeo against a local registry; that registry
+//! against `bundle serve` and `bundle-agent registry`) on a generated image set, in one run,
+//! and prints Markdown tables with the targets. A missed target is reported, never an error:
+//! benchmarks report, tests assert.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,12 +13,21 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::registry::{self, Registry};
-use crate::util::{self, Measured, cargo, disk_bytes, measure_steps, parse_size, remove, root};
+use crate::registry::{self, Registry, Server};
+use crate::statics::{self, Statics};
+use crate::util::{
+    self, Measured, Usage, cargo, disk_bytes, measure_parallel, measure_steps, parse_size, remove,
+    root,
+};
 
 const DEFAULT_BYTES: u64 = 1_000_000_000;
 const DEFAULT_RUNS: u32 = 2;
 const RSS_TARGET: u64 = 256 << 20;
+/// The peak RSS our servers may reach under [`PARALLEL_PULLS`] pulls at once.
+const SERVER_RSS_TARGET: u64 = 128 << 20;
+/// How many pulls the serve group runs at once.
+const PARALLEL_PULLS: usize = 8;
+const USAGE: &str = "usage: cargo xtask bench [--bytes N] [--runs N] [--only local|registry|serve]";
 
 /// A group of measurements that `--only` can pick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +36,9 @@ enum Group {
     Local,
     /// push, re-push and pull against skopeo, through a local registry.
     Registry,
+    /// skopeo pulls from `bundle serve` and `bundle-agent registry` against a local registry,
+    /// and the servers' peak RSS.
+    Serve,
 }
 
 struct Opts {
@@ -77,13 +90,11 @@ fn parse(args: &[String]) -> Result<Opts> {
                 opts.only = Some(match v.as_str() {
                     "local" => Group::Local,
                     "registry" => Group::Registry,
-                    _ => bail!("--only: {v:?} is neither local nor registry"),
+                    "serve" => Group::Serve,
+                    _ => bail!("--only: {v:?} is not local, registry or serve"),
                 });
             }
-            _ => bail!(
-                "bench: unexpected argument {a:?} \
-                 (usage: cargo xtask bench [--bytes N] [--runs N] [--only local|registry])"
-            ),
+            _ => bail!("bench: unexpected argument {a:?} ({USAGE})"),
         }
     }
     Ok(opts)
@@ -111,6 +122,14 @@ struct Best {
 /// each run.
 type Side<'a> = Option<&'a dyn Fn() -> Option<Duration>>;
 
+/// The commands of one run.
+enum Plan {
+    /// Pipelines, one after another: their wall times add up.
+    Steps(Vec<Vec<Command>>),
+    /// Commands side by side: the wall time is from the first start to the last exit.
+    Parallel(Vec<Command>),
+}
+
 impl Bench {
     /// Measures one pipeline.
     fn best(
@@ -130,22 +149,54 @@ impl Bench {
         make: &dyn Fn() -> Vec<Vec<Command>>,
         side: Side<'_>,
     ) -> Result<Best> {
+        self.best_plan(name, prepare, &|| Plan::Steps(make()), side)
+    }
+
+    /// Measures commands run side by side, as one.
+    fn best_parallel(
+        &self,
+        name: &str,
+        prepare: &dyn Fn() -> Result<()>,
+        make: &dyn Fn() -> Vec<Command>,
+        side: Side<'_>,
+    ) -> Result<Best> {
+        self.best_plan(name, prepare, &|| Plan::Parallel(make()), side)
+    }
+
+    fn best_plan(
+        &self,
+        name: &str,
+        prepare: &dyn Fn() -> Result<()>,
+        make: &dyn Fn() -> Plan,
+        side: Side<'_>,
+    ) -> Result<Best> {
         let mut best: Option<Best> = None;
         for r in 1..=self.runs {
             prepare()?;
             // Flush earlier runs' dirty pages so that no run pays for another's writeback.
             Command::new("sync").status().context("running sync")?;
-            let steps = make();
+            let plan = make();
             let pipeline =
                 |p: &Vec<Command>| p.iter().map(util::show).collect::<Vec<_>>().join(" | ");
-            // A sequence of like commands shows its first.
-            let line = match steps.as_slice() {
-                [one] => pipeline(one),
-                [first, ..] => format!("{} ; … ({} commands in all)", pipeline(first), steps.len()),
-                [] => String::new(),
+            // A sequence or a group of like commands shows its first.
+            let line = match &plan {
+                Plan::Steps(steps) => match steps.as_slice() {
+                    [one] => pipeline(one),
+                    [first, ..] => {
+                        format!("{} ; … ({} commands in all)", pipeline(first), steps.len())
+                    }
+                    [] => String::new(),
+                },
+                Plan::Parallel(cmds) => cmds.first().map_or_else(String::new, |c| {
+                    format!("{} & … ({} commands at once)", util::show(c), cmds.len())
+                }),
             };
             let side_before = side.and_then(|f| f());
-            let m: Measured = measure_steps(steps, &self.logs.join(format!("{name}.{r}")))?;
+            let log = self.logs.join(format!("{name}.{r}"));
+            let m: Measured = match plan {
+                Plan::Steps(steps) => measure_steps(steps, &log)?,
+                Plan::Parallel(cmds) => measure_parallel(cmds, &log)?,
+            };
             let side_cpu = match (side_before, side.and_then(|f| f())) {
                 (Some(a), Some(b)) => Some(b.saturating_sub(a)),
                 _ => None,
@@ -258,14 +309,10 @@ fn cpu_snap() -> Option<CpuSnap> {
         .collect();
     // user nice system idle iowait irq softirq steal ...
     let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
-    let me = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-    let after: Vec<&str> = me.rsplit_once(')')?.1.split_whitespace().collect();
-    let own: f64 = after.get(11)?.parse::<f64>().ok()? + after.get(12)?.parse::<f64>().ok()?;
     Some(CpuSnap {
         busy: busy / USER_HZ,
         steal: f.get(7).copied().unwrap_or(0.0) / USER_HZ,
-        own: own / USER_HZ,
+        own: util::cpu_time(std::process::id())?.as_secs_f64(),
         at: std::time::Instant::now(),
     })
 }
@@ -310,7 +357,7 @@ fn machine_info(cores: usize, load_start: &str, opts: &Opts) -> String {
         peers.push(version("zstd", "-V"));
         peers.push(version("tar", "--version"));
     }
-    if opts.wants(Group::Registry) {
+    if opts.wants(Group::Registry) || opts.wants(Group::Serve) {
         peers.push(version("skopeo", "--version"));
         peers.push(version(registry::PROGRAM, "--version"));
     }
@@ -382,6 +429,8 @@ fn table(head: &[&str], rows: &[Vec<String>]) -> String {
 struct Cx {
     bench: Bench,
     bundle_bin: PathBuf,
+    /// The release build of `bundle-agent` (the serve group's).
+    agent_bin: PathBuf,
     /// The data set: bundle.yaml, bundle-plain.yaml, layout/, testimages.json.
     data: PathBuf,
     layout: PathBuf,
@@ -390,6 +439,8 @@ struct Cx {
     marker_path: PathBuf,
     out: PathBuf,
     cores: usize,
+    /// Whether [`Cx::all_bundle`] holds a complete archive.
+    have_archive: Cell<bool>,
 }
 
 impl Cx {
@@ -407,9 +458,21 @@ impl Cx {
     fn all_bundle(&self) -> PathBuf {
         self.out.join("all.bundle")
     }
+
+    /// [`Cx::all_bundle`], created here, unmeasured, when the local group did not (`--only`,
+    /// or a create that failed).
+    fn archive(&self) -> Result<PathBuf> {
+        let archive = self.all_bundle();
+        if !self.have_archive.get() {
+            let mut c = self.bundle(&self.data, &[&"create", &"bundle.yaml", &"-o", &archive]);
+            remove(&archive).and_then(|()| util::run(&mut c))?;
+            self.have_archive.set(true);
+        }
+        Ok(archive)
+    }
 }
 
-fn cmd(prog: &str, args: &[&dyn AsRef<OsStr>]) -> Command {
+fn cmd(prog: impl AsRef<OsStr>, args: &[&dyn AsRef<OsStr>]) -> Command {
     let mut c = Command::new(prog);
     for a in args {
         c.arg(a);
@@ -429,7 +492,7 @@ struct Section {
 }
 
 impl Section {
-    fn errors_of(&mut self, results: &[(&str, &Result<Best>)]) {
+    fn errors_of<T>(&mut self, results: &[(&str, &Result<T>)]) {
         for (n, r) in results {
             if let Err(e) = r {
                 self.errors.push(format!("{n}: {e:#}"));
@@ -473,20 +536,42 @@ fn speedup(
 }
 
 fn rss_row(what: &str, ours: &Result<Best>, peer: Option<&Result<Best>>) -> Vec<String> {
+    let rss = |r: &Result<Best>| r.as_ref().ok().map(|b| b.rss);
+    rss_cells(what, rss(ours), peer.map(rss), Some(RSS_TARGET))
+}
+
+/// A line of the RSS table for a server, from its usage over a round.
+fn server_rss_row(
+    what: &str,
+    ours: &Result<Usage>,
+    peer: Option<&Result<Usage>>,
+    target: Option<u64>,
+) -> Vec<String> {
+    let rss = |r: &Result<Usage>| r.as_ref().ok().map(|u| u.max_rss);
+    rss_cells(what, rss(ours), peer.map(rss), target)
+}
+
+/// The cells of an RSS line: `None` is a failure, a `peer` of `None` means no peer.
+fn rss_cells(
+    what: &str,
+    ours: Option<u64>,
+    peer: Option<Option<u64>>,
+    target: Option<u64>,
+) -> Vec<String> {
     let peer = match peer {
-        Some(Ok(p)) => mib(p.rss),
-        Some(Err(_)) => "failed".into(),
+        Some(Some(p)) => mib(p),
+        Some(None) => "failed".into(),
         None => "—".into(),
     };
     let (rss, result) = match ours {
-        Ok(o) => (mib(o.rss), verdict(o.rss <= RSS_TARGET)),
-        Err(_) => ("failed".into(), "ERROR"),
+        Some(o) => (mib(o), target.map_or("info", |t| verdict(o <= t))),
+        None => ("failed".into(), "ERROR"),
     };
     vec![
         what.into(),
         rss,
         peer,
-        format!("≤ {}", mib(RSS_TARGET)),
+        target.map_or_else(|| "—".into(), |t| format!("≤ {}", mib(t))),
         result.into(),
     ]
 }
@@ -495,14 +580,21 @@ pub fn run(args: &[String]) -> Result<()> {
     let opts = parse(args)?;
     let root = root();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    util::run(cargo().args([
+    let mut build = cargo();
+    build.args([
         "build",
         "--release",
         "-p",
         "bundle-cli",
         "-p",
         "bundle-testimages",
-    ]))?;
+    ]);
+    if opts.wants(Group::Serve) {
+        build.args(["-p", "bundle-agent"]);
+    }
+    util::run(&mut build)?;
+    // Only their sizes are reported; built before the clock for contention starts.
+    let statics = opts.wants(Group::Serve).then(|| statics::build(&root));
 
     // The data set: generated once per size, then reused (the generator checks its marker).
     let data = root.join("target/bench-data").join(opts.bytes.to_string());
@@ -532,6 +624,7 @@ pub fn run(args: &[String]) -> Result<()> {
             cpu: std::cell::Cell::new(Duration::ZERO),
         },
         bundle_bin: root.join("target/release/bundle"),
+        agent_bin: root.join("target/release/bundle-agent"),
         layout_bytes: disk_bytes(&layout),
         layout,
         data,
@@ -539,6 +632,7 @@ pub fn run(args: &[String]) -> Result<()> {
         marker_path,
         out,
         cores,
+        have_archive: Cell::new(false),
     };
     let load_start = loadavg();
     let info = machine_info(cores, &load_start, &opts);
@@ -561,14 +655,14 @@ pub fn run(args: &[String]) -> Result<()> {
         opts.runs
     );
     let mut sections = Vec::new();
-    let mut archive_ok = false;
     if let Some(sha) = sha {
-        let (s, ok) = local(&cx, sha)?;
-        sections.push(s);
-        archive_ok = ok;
+        sections.push(local(&cx, sha)?);
     }
     if opts.wants(Group::Registry) {
-        sections.push(registry_group(&cx, archive_ok)?);
+        sections.push(registry_group(&cx)?);
+    }
+    if let Some(statics) = statics {
+        sections.push(serve_group(&cx, statics)?);
     }
     let bench = &cx.bench;
     let load_end = loadavg();
@@ -658,9 +752,9 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// create, verify and extract against tar + zstd, openssl's sha256 and tar -x. Also says
-/// whether it left `all.bundle` behind for the registry group.
-fn local(cx: &Cx, sha: f64) -> Result<(Section, bool)> {
+/// create, verify and extract against tar + zstd, openssl's sha256 and tar -x. Leaves
+/// `all.bundle` behind for the registry groups.
+fn local(cx: &Cx, sha: f64) -> Result<Section> {
     let (bench, out, data, layout, cores) = (&cx.bench, &cx.out, &cx.data, &cx.layout, cx.cores);
     let plain_blobs: Vec<String> = cx.marker["set"]["plain_blobs"]
         .as_array()
@@ -724,6 +818,7 @@ fn local(cx: &Cx, sha: f64) -> Result<(Section, bool)> {
         ]
     });
     let have_archive = create.is_ok();
+    cx.have_archive.set(have_archive);
     let skipped = || Err(anyhow!("skipped: bundle create failed"));
     let verify = if have_archive {
         bench.best("verify", &|| Ok(()), &|| bundle(&[&"verify", &all_bundle]))
@@ -863,11 +958,44 @@ fn local(cx: &Cx, sha: f64) -> Result<(Section, bool)> {
         ("extract", &extract),
         ("extract-peer", &extract_peer),
     ]);
-    Ok((s, have_archive))
+    Ok(s)
 }
 
 /// The peer's pull target, under the output directory.
 const PULL_OCI: &str = "pull-oci";
+
+/// The targets of pulls at once, an OCI layout each (`pull-parallel/K`), under the output
+/// directory.
+const PULL_PARALLEL: &str = "pull-parallel";
+
+/// How the peer column names [`skopeo_pull`].
+const PULL_PEER: &str = "skopeo copy --all --preserve-digests docker://… oci:DIR:NAME";
+
+/// `skopeo copy` of `image` from the registry at `addr` into the OCI layout `dir` (under the
+/// output directory), keeping the digests.
+fn skopeo_pull(cx: &Cx, addr: &str, image: &BenchImage, dir: &str) -> Command {
+    let mut c = cmd(
+        "skopeo",
+        &[
+            &"copy",
+            &"--all",
+            &"--preserve-digests",
+            &"--src-tls-verify=false",
+            &format!("docker://{addr}/{}", image.path),
+            &format!("oci:{dir}:{}", image.short),
+        ],
+    );
+    c.current_dir(&cx.out);
+    c
+}
+
+/// [`skopeo_pull`] of each of `images` in turn, into one layout, [`PULL_OCI`].
+fn skopeo_pulls(cx: &Cx, addr: &str, images: &[BenchImage]) -> Vec<Vec<Command>> {
+    images
+        .iter()
+        .map(|i| vec![skopeo_pull(cx, addr, i, PULL_OCI)])
+        .collect()
+}
 
 /// One image of the bench set, as the registry group names it.
 struct BenchImage {
@@ -909,12 +1037,11 @@ fn pull_yaml(addr: &str, images: &[BenchImage]) -> String {
 }
 
 /// push, re-push and pull through a local registry, against skopeo.
-fn registry_group(cx: &Cx, archive_ok: bool) -> Result<Section> {
+fn registry_group(cx: &Cx) -> Result<Section> {
     let bench = &cx.bench;
     let mut s = Section::default();
     let images = bench_images(&cx.marker)
         .ok_or_else(|| anyhow!("{} has no usable set.images", cx.marker_path.display()))?;
-    let archive = cx.all_bundle();
     let pushed_bytes = cx.layout_bytes;
     let fail_all = |s: &mut Section, e: anyhow::Error| {
         s.rows
@@ -923,14 +1050,13 @@ fn registry_group(cx: &Cx, archive_ok: bool) -> Result<Section> {
         s.rss.push(rss_row("bundle push", &e, None));
         s.errors_of(&[("registry group", &e)]);
     };
-    if !archive_ok {
-        // `--only registry`, or a create that failed above: make the archive, unmeasured.
-        let mut c = cx.bundle(&cx.data, &[&"create", &"bundle.yaml", &"-o", &archive]);
-        if let Err(e) = remove(&archive).and_then(|()| util::run(&mut c)) {
+    let archive = match cx.archive() {
+        Ok(a) => a,
+        Err(e) => {
             fail_all(&mut s, e);
             return Ok(s);
         }
-    }
+    };
 
     let reg_root = cx.out.join("registry");
     let starts = std::cell::Cell::new(0u32);
@@ -938,7 +1064,7 @@ fn registry_group(cx: &Cx, archive_ok: bool) -> Result<Section> {
     // Stops the running registry, if any, counting its CPU as ours.
     let stop = || -> Result<()> {
         if let Some(r) = current.borrow_mut().take() {
-            let cpu = r.stop()?;
+            let cpu = r.stop()?.cpu;
             bench.cpu.set(bench.cpu.get() + cpu);
         }
         Ok(())
@@ -1033,23 +1159,7 @@ fn registry_group(cx: &Cx, archive_ok: bool) -> Result<Section> {
             &|| remove(&pull_oci),
             &|| {
                 let a = addr();
-                images
-                    .iter()
-                    .map(|i| {
-                        let mut c = cmd(
-                            "skopeo",
-                            &[
-                                &"copy",
-                                &"--src-tls-verify=false",
-                                &"--all",
-                                &format!("docker://{a}/{}", i.path),
-                                &format!("oci:{PULL_OCI}:{}", i.short),
-                            ],
-                        );
-                        c.current_dir(&cx.out);
-                        vec![c]
-                    })
-                    .collect()
+                skopeo_pulls(cx, &a, &images)
             },
             side,
         );
@@ -1136,7 +1246,7 @@ fn registry_group(cx: &Cx, archive_ok: bool) -> Result<Section> {
         &pull,
         &pull_peer,
         pushed_bytes,
-        &format!("skopeo copy --all docker://… oci:DIR:NAME, {n} runs, one DIR"),
+        &format!("{PULL_PEER}, {n} runs, one DIR"),
         Some(1.5),
     ));
     s.rss.push(rss_row("bundle push", &push, Some(&push_peer)));
@@ -1168,6 +1278,312 @@ fn registry_group(cx: &Cx, archive_ok: bool) -> Result<Section> {
     Ok(s)
 }
 
+/// The address in `bundle serve`'s first line, `serving NAME VERSION (N images) on
+/// http://ADDR/v2/`.
+fn serving_addr(line: &str) -> Option<&str> {
+    line.strip_prefix("serving ")?
+        .rsplit_once(" on http://")?
+        .1
+        .strip_suffix("/v2/")
+}
+
+/// The address in `bundle-agent`'s `listening on ADDR`.
+fn listening_addr(line: &str) -> Option<&str> {
+    line.strip_prefix("listening on ")
+}
+
+/// skopeo pulls from `bundle serve` and from `bundle-agent registry` against docker-registry
+/// holding the same images, the servers' peak RSS, and the sizes of the static binaries.
+fn serve_group(cx: &Cx, statics: Result<Statics>) -> Result<Section> {
+    let bench = &cx.bench;
+    let mut s = Section::default();
+    let images = bench_images(&cx.marker)
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| anyhow!("{} has no usable set.images", cx.marker_path.display()))?;
+    let n = images.len();
+    static_rows(&mut s, statics);
+    let archive = match cx.archive() {
+        Ok(a) => a,
+        Err(e) => {
+            s.rows.push(failed_row("pull from bundle serve", &e));
+            s.errors_of(&[("serve group", &Err::<(), _>(e))]);
+            return Ok(s);
+        }
+    };
+    let log = |name: &str| bench.logs.join(name);
+    let (par_oci, reg_root, agent_root) = (
+        cx.out.join(PULL_PARALLEL),
+        cx.out.join("serve-registry"),
+        cx.out.join("agent-registry"),
+    );
+    let add_cpu = |d: Duration| bench.cpu.set(bench.cpu.get() + d);
+    // Counts a stopped server's CPU as ours.
+    let stopped = |u: Result<Usage>| {
+        if let Ok(u) = &u {
+            add_cpu(u.cpu);
+        }
+        u
+    };
+    let push_to = |name: &str, addr: &str| -> Result<()> {
+        let c = cx.bundle(
+            &cx.out,
+            &[
+                &"push",
+                &archive,
+                &"--registry",
+                &addr,
+                &"--insecure-registry",
+                &addr,
+            ],
+        );
+        println!("  {name} (not measured): {}", util::show(&c));
+        add_cpu(util::measure(vec![c], &log(name))?.cpu());
+        Ok(())
+    };
+    let sequential = |name: &str, addr: &str, cpu: &dyn Fn() -> Option<Duration>| {
+        bench.best_steps(
+            name,
+            &|| remove(&cx.out.join(PULL_OCI)),
+            &|| skopeo_pulls(cx, addr, &images),
+            Some(cpu),
+        )
+    };
+    // Pull K takes image K mod n into a layout of its own: skopeo does not share one.
+    let parallel = |name: &str, addr: &str, cpu: &dyn Fn() -> Option<Duration>| {
+        bench.best_parallel(
+            name,
+            &|| {
+                remove(&par_oci)?;
+                std::fs::create_dir_all(&par_oci)
+                    .with_context(|| format!("creating {}", par_oci.display()))
+            },
+            &|| {
+                let pull = |k| {
+                    let dir = format!("{PULL_PARALLEL}/{k}");
+                    skopeo_pull(cx, addr, &images[k % n], &dir)
+                };
+                (0..PARALLEL_PULLS).map(pull).collect()
+            },
+            Some(cpu),
+        )
+    };
+    // Each round has a server of its own, so that the peak RSS wait4 reports is the round's.
+    let round = |server: Result<Server>,
+                 measure: &dyn Fn(&Server) -> Result<Best>|
+     -> (Result<Best>, Result<Usage>) {
+        match server {
+            Ok(srv) => {
+                let m = measure(&srv);
+                (m, stopped(srv.stop()))
+            }
+            Err(e) => (Err(e), Err(anyhow!("skipped: the server did not start"))),
+        }
+    };
+    let serve = |k: u32| {
+        Server::start(
+            cx.bundle(&cx.out, &[&"serve", &archive, &"--listen", &"127.0.0.1:0"]),
+            &log(&format!("serve.{k}.log")),
+            serving_addr,
+        )
+    };
+    let agent = |k: u32| {
+        Server::start(
+            cmd(
+                &cx.agent_bin,
+                &[
+                    &"registry",
+                    &"--root",
+                    &agent_root,
+                    &"--listen",
+                    &"127.0.0.1:0",
+                ],
+            ),
+            &log(&format!("agent.{k}.log")),
+            listening_addr,
+        )
+    };
+
+    // The peer holds what our push puts there; a restart on the same storage begins each
+    // round, so that its peak RSS is the round's too.
+    let mut reg = Registry::start(&reg_root, &log("serve-registry.0.log")).and_then(|mut r| {
+        push_to("serve-push-registry", &r.addr())?;
+        stopped(r.restart(&log("serve-registry.1.log")))?;
+        Ok(r)
+    });
+    let peer_failed = |e: &anyhow::Error| {
+        (
+            Err(anyhow!("skipped: {} failed: {e:#}", registry::PROGRAM)),
+            Err(anyhow!("skipped: {} failed", registry::PROGRAM)),
+        )
+    };
+
+    let (serve_seq, serve_seq_use) = round(serve(1), &|srv| {
+        sequential("serve-pull", srv.addr(), &|| srv.cpu())
+    });
+    let seq_bytes = disk_bytes(&cx.out.join(PULL_OCI));
+    let (peer_seq, peer_seq_use) = match &mut reg {
+        Ok(r) => {
+            let m = sequential("serve-pull-peer", &r.addr(), &|| r.cpu());
+            (m, stopped(r.restart(&log("serve-registry.2.log"))))
+        }
+        Err(e) => peer_failed(e),
+    };
+
+    let (serve_par, serve_par_use) = round(serve(2), &|srv| {
+        parallel("serve-pull-parallel", srv.addr(), &|| srv.cpu())
+    });
+    let par_bytes = disk_bytes(&par_oci);
+    let (peer_par, peer_par_use) = match reg {
+        Ok(r) => {
+            let m = parallel("serve-pull-parallel-peer", &r.addr(), &|| r.cpu());
+            (m, stopped(r.stop()))
+        }
+        Err(e) => {
+            let pair = peer_failed(&e);
+            s.errors_of(&[(registry::PROGRAM, &Err::<(), _>(e))]);
+            pair
+        }
+    };
+
+    // The agent stores our push, then a second agent on that storage serves the pulls.
+    let agent_push = remove(&agent_root).and_then(|()| agent(1)).and_then(|a| {
+        let pushed = push_to("serve-push-agent", a.addr());
+        let usage = stopped(a.stop());
+        pushed.and(usage)
+    });
+    let (agent_par, agent_par_use) = match &agent_push {
+        Ok(_) => round(agent(2), &|a| {
+            parallel("agent-pull-parallel", a.addr(), &|| a.cpu())
+        }),
+        Err(_) => (
+            Err(anyhow!("skipped: the push into the agent failed")),
+            Err(anyhow!("skipped: the push into the agent failed")),
+        ),
+    };
+    for p in [&cx.out.join(PULL_OCI), &par_oci, &reg_root, &agent_root] {
+        remove(p)?;
+    }
+
+    let peer_name = |what: &str| format!("{PULL_PEER}, {what}, from {}", registry::PROGRAM);
+    s.rows.push(speedup(
+        format!(
+            "pull the {n} images from `bundle serve`, one after another ({} pulled)",
+            mb(seq_bytes)
+        ),
+        &serve_seq,
+        &peer_seq,
+        seq_bytes,
+        &peer_name(&format!("{n} runs")),
+        Some(1.0),
+    ));
+    for (server, ours) in [
+        ("`bundle serve`", &serve_par),
+        ("`bundle-agent registry`", &agent_par),
+    ] {
+        s.rows.push(speedup(
+            format!(
+                "{PARALLEL_PULLS} pulls at once from {server} ({} pulled)",
+                mb(par_bytes)
+            ),
+            ours,
+            &peer_par,
+            par_bytes,
+            &peer_name(&format!("{PARALLEL_PULLS} at once")),
+            None,
+        ));
+    }
+    let at_once = format!("{PARALLEL_PULLS} pulls at once");
+    s.rss.push(server_rss_row(
+        &format!("bundle serve, {at_once}"),
+        &serve_par_use,
+        Some(&peer_par_use),
+        Some(SERVER_RSS_TARGET),
+    ));
+    s.rss.push(server_rss_row(
+        &format!("bundle-agent registry, {at_once}"),
+        &agent_par_use,
+        Some(&peer_par_use),
+        Some(SERVER_RSS_TARGET),
+    ));
+    s.rss.push(server_rss_row(
+        &format!("bundle serve, {n} pulls one after another"),
+        &serve_seq_use,
+        Some(&peer_seq_use),
+        None,
+    ));
+    s.rss.push(server_rss_row(
+        "bundle-agent registry, receiving `bundle push`",
+        &agent_push,
+        None,
+        None,
+    ));
+    s.notes.push(format!(
+        "serve rows: `bundle serve all.bundle --listen 127.0.0.1:0`, and `bundle-agent registry` \
+         (the release build, not the static one) on storage filled by `bundle push`, against {peer} \
+         (filesystem storage on the same disk, log level error) holding the same images through \
+         `bundle push` (not measured); skopeo pulls into fresh OCI layouts each run; \
+         {PARALLEL_PULLS} pulls at once: pull K takes image K mod {n} into a layout of its own; each \
+         server serves one round and stops on SIGTERM ({peer}: SIGKILL, restarted on the same \
+         storage between rounds), and its peak RSS is wait4's for that round; registry CPU is the \
+         server's",
+        peer = registry::PROGRAM
+    ));
+    s.errors_of(&[
+        ("serve-pull", &serve_seq),
+        ("serve-pull-peer", &peer_seq),
+        ("serve-pull-parallel", &serve_par),
+        ("serve-pull-parallel-peer", &peer_par),
+        ("agent-pull-parallel", &agent_par),
+    ]);
+    s.errors_of(&[
+        ("bundle serve (one after another)", &serve_seq_use),
+        ("bundle serve (at once)", &serve_par_use),
+        ("bundle-agent registry (push)", &agent_push),
+        ("bundle-agent registry (at once)", &agent_par_use),
+        ("docker-registry (one after another)", &peer_seq_use),
+        ("docker-registry (at once)", &peer_par_use),
+    ]);
+    Ok(s)
+}
+
+/// The sizes of the static binaries, against the budgets `cargo xtask static` checks.
+fn static_rows(s: &mut Section, statics: Result<Statics>) {
+    let built = match statics {
+        Ok(b) => b,
+        Err(e) => {
+            s.rows
+                .push(failed_row("static binaries (cargo xtask static)", &e));
+            s.errors_of(&[("static", &Err::<(), _>(e))]);
+            return;
+        }
+    };
+    for (what, path, budget) in [
+        ("static bundle-agent", &built.agent, statics::AGENT_BUDGET),
+        ("stage0", &built.stage0, statics::STAGE0_BUDGET),
+    ] {
+        let size = disk_bytes(path);
+        let binary = |b: u64| {
+            if b >= 1 << 20 {
+                mib(b)
+            } else {
+                format!("{:.1} KiB", b as f64 / 1024.0)
+            }
+        };
+        s.rows.push(Row {
+            what: format!("{what} size ({})", util::show(&Command::new(path))),
+            ours: format!("{size} bytes ({})", binary(size)),
+            peer: "—".into(),
+            ratio: format!(
+                "{:.0}% (of the {} budget)",
+                size as f64 * 100.0 / budget as f64,
+                binary(budget)
+            ),
+            target: "—".into(),
+            result: "info".into(),
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1189,6 +1605,8 @@ mod tests {
         let o = parse(&args(&["--only", "registry"])).expect("valid");
         assert_eq!(o.only, Some(Group::Registry));
         assert!(o.wants(Group::Registry) && !o.wants(Group::Local));
+        let o = parse(&args(&["--only=serve"])).expect("valid");
+        assert!(o.wants(Group::Serve) && !o.wants(Group::Registry));
         assert!(parse(&args(&["--only=nothing"])).is_err());
         assert!(parse(&args(&["--runs", "0"])).is_err());
         assert!(parse(&args(&["--what"])).is_err());
@@ -1218,5 +1636,27 @@ mod tests {
              - name: 127.0.0.1:5000/bench/data:1.0\n"
         );
         assert!(bench_images(&serde_json::json!({"set": {}})).is_none());
+    }
+
+    #[test]
+    fn reads_the_servers_startup_lines() {
+        for (line, want) in [
+            (
+                "serving bench 1.0.0 (5 images) on http://127.0.0.1:41234/v2/",
+                Some("127.0.0.1:41234"),
+            ),
+            (
+                "serving a on b (1 images) on http://[::1]:80/v2/",
+                Some("[::1]:80"),
+            ),
+            ("  127.0.0.1:41234/bench/svc-a:1.0", None),
+        ] {
+            assert_eq!(serving_addr(line), want, "{line:?}");
+        }
+        assert_eq!(
+            listening_addr("listening on 127.0.0.1:5000"),
+            Some("127.0.0.1:5000")
+        );
+        assert_eq!(listening_addr("serving x"), None);
     }
 }

@@ -18,12 +18,14 @@ commands:
   quickstart              build bundle, make the small test images under quickstart-out/ and
                           create, verify, inspect and extract a demo archive (no network, no
                           cluster)
-  bench [--bytes N] [--runs N] [--only local|registry]
+  bench [--bytes N] [--runs N] [--only local|registry|serve]
                           measure bundle against tar + zstd, openssl sha256 and tar -x (local),
-                          and push, re-push and pull against skopeo through a local
-                          docker-registry (registry), on a generated image set of N bytes
-                          (default 1G, cached under target/bench-data); best of N runs
-                          (default 2); --only runs one group
+                          push, re-push and pull against skopeo through a local
+                          docker-registry (registry), and skopeo pulls from bundle serve and
+                          bundle-agent registry against docker-registry, with their peak RSS
+                          under 8 pulls at once and the static binaries' sizes (serve), on a
+                          generated image set of N bytes (default 1G, cached under
+                          target/bench-data); best of N runs (default 2); --only runs one group
   static                  build the in-cluster binaries: the static bundle-agent
                           (target/x86_64-unknown-linux-gnu/min-size/) and the stage0 loader
                           (target/stage0/release/); check that both are static and within

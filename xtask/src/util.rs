@@ -1,5 +1,6 @@
 //! Shared by the commands: the workspace root, running a command with an echo, and measuring
-//! a pipeline's wall time and each process's peak RSS (`wait4` rusage).
+//! a pipeline's (or side-by-side commands') wall time and each process's peak RSS (`wait4`
+//! rusage).
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -109,8 +110,17 @@ pub struct Usage {
 
 /// Waits for child `pid` (spawned by us and not yet reaped; std's `Child` is never waited on
 /// for it) and returns its exit status and resource usage.
-#[allow(unsafe_code)]
 pub fn wait4(pid: u32) -> io::Result<(ExitStatus, Usage)> {
+    wait4_with(pid, 0)?.ok_or_else(|| io::Error::other("wait4 returned no child"))
+}
+
+/// [`wait4`] without blocking: `None` while the child runs.
+pub fn try_wait4(pid: u32) -> io::Result<Option<(ExitStatus, Usage)>> {
+    wait4_with(pid, libc::WNOHANG)
+}
+
+#[allow(unsafe_code)]
+fn wait4_with(pid: u32, options: libc::c_int) -> io::Result<Option<(ExitStatus, Usage)>> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
     // SAFETY: rusage is plain integers and timevals, for which all zero bytes are valid.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -118,20 +128,23 @@ pub fn wait4(pid: u32) -> io::Result<(ExitStatus, Usage)> {
     loop {
         // SAFETY: both pointers are to live locals of the right types; `pid` is our child,
         // spawned and not yet reaped (the caller's contract).
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        let r = unsafe { libc::wait4(pid, &mut status, options, &mut usage) };
+        if r == 0 && options & libc::WNOHANG != 0 {
+            return Ok(None);
+        }
         if r == pid {
             let tv = |t: libc::timeval| {
                 Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
                     + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
             };
-            return Ok((
+            return Ok(Some((
                 ExitStatus::from_raw(status),
                 Usage {
                     // Linux reports ru_maxrss in KiB.
                     max_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
                     cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
                 },
-            ));
+            )));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -140,11 +153,43 @@ pub fn wait4(pid: u32) -> io::Result<(ExitStatus, Usage)> {
     }
 }
 
+/// Sends `signal` (`libc::SIGTERM`, say) to process `pid`.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The CPU time (user plus system) process `pid` has used so far, from /proc.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces): utime is field 14, stime 15.
+    let after: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = after.get(11)?.parse::<u64>().ok()? + after.get(12)?.parse::<u64>().ok()?;
+    // /proc counts in USER_HZ, which the Linux ABI fixes at 100 per second.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// Runs `cmds` as a pipeline, each one's stdout into the next one's stdin, the first reading
 /// nothing. The last one's stdout goes to `LOG.out`, each one's stderr to `LOG.N.err`.
 /// Returns the wall time from the first spawn to the last exit and each process's peak RSS
 /// (`ru_maxrss` from `wait4`). Fails, quoting the end of its stderr, when any exits non-zero.
 pub fn measure(cmds: Vec<Command>, log: &Path) -> Result<Measured> {
+    measure_as(cmds, log, true)
+}
+
+/// Runs `cmds` side by side, each reading nothing, its stdout going to `LOG.N.out` and its
+/// stderr to `LOG.N.err`; otherwise as [`measure`].
+pub fn measure_parallel(cmds: Vec<Command>, log: &Path) -> Result<Measured> {
+    measure_as(cmds, log, false)
+}
+
+fn measure_as(cmds: Vec<Command>, log: &Path, piped: bool) -> Result<Measured> {
     let n = cmds.len();
     let log_file = |suffix: String| -> Result<(PathBuf, File)> {
         let mut p = log.as_os_str().to_owned();
@@ -162,10 +207,12 @@ pub fn measure(cmds: Vec<Command>, log: &Path) -> Result<Measured> {
         let mut step = || -> Result<std::process::Child> {
             let (err_path, err) = log_file(format!(".{i}.err"))?;
             cmd.stdin(prev.take().map_or_else(Stdio::null, Stdio::from));
-            if i + 1 < n {
+            if piped && i + 1 < n {
                 cmd.stdout(Stdio::piped());
-            } else {
+            } else if piped {
                 cmd.stdout(log_file(".out".into())?.1);
+            } else {
+                cmd.stdout(log_file(format!(".{i}.out"))?.1);
             }
             cmd.stderr(err);
             let child = cmd
@@ -303,6 +350,15 @@ mod tests {
         .expect("steps");
         assert_eq!(steps.procs.len(), 2);
         assert!(dir.join("steps.1.out").exists());
+        let echo = |w: &str| {
+            let mut c = Command::new("echo");
+            c.arg(w);
+            c
+        };
+        let side = measure_parallel(vec![echo("a"), echo("b")], &dir.join("side")).expect("side");
+        assert_eq!(side.procs.len(), 2);
+        let out = |n: u32| std::fs::read_to_string(dir.join(format!("side.{n}.out"))).expect("out");
+        assert_eq!((out(0), out(1)), ("a\n".to_owned(), "b\n".to_owned()));
         let err = measure(vec![Command::new("false")], &dir.join("fail")).expect_err("false fails");
         assert!(format!("{err:#}").contains("`false` failed"), "{err:#}");
         std::fs::remove_dir_all(&dir).expect("cleanup");

@@ -4,6 +4,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -51,6 +52,33 @@ pub struct Archive {
     id: Digest,
     index_len: u64,
     parts: Vec<Option<PartSlot>>,
+    /// One bit per frame: its sha256 was checked in this process (see [`Archive::frame`]).
+    checked: Checked,
+}
+
+/// Frames already checked against the index, so that a server reading the same frame again
+/// does not hash it again. Set only after a successful check; never cleared.
+#[derive(Default)]
+struct Checked(Vec<AtomicU64>);
+
+impl Checked {
+    fn new(frames: usize) -> Checked {
+        Checked(
+            (0..frames.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+    fn get(&self, f: u32) -> bool {
+        self.0
+            .get(f as usize / 64)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (f % 64)) != 0)
+    }
+    fn set(&self, f: u32) {
+        if let Some(w) = self.0.get(f as usize / 64) {
+            w.fetch_or(1 << (f % 64), Ordering::Relaxed);
+        }
+    }
 }
 
 /// What a verification covered.
@@ -300,6 +328,7 @@ impl Archive {
             parts.push(Some(PartSlot { path, data }));
         }
         Ok(Archive {
+            checked: Checked::new(idx.frames.len()),
             index: idx,
             id: expected,
             index_len: bytes.len() as u64,
@@ -314,6 +343,7 @@ impl Archive {
         let index = Index::from_cbor(&bytes[range], path)?;
         check_part_count(&index, &t)?;
         let archive = Archive {
+            checked: Checked::new(index.frames.len()),
             index,
             id: t.id,
             index_len: t.index_len,
@@ -401,10 +431,19 @@ impl Archive {
         Ok((slot, f.offset() as usize, f.csize() as usize))
     }
 
-    /// The compressed bytes of a frame, checked against the index's sha256.
+    /// The compressed bytes of a frame, checked against the index's sha256. A frame already
+    /// checked by this `Archive` is not hashed again (a server reads popular frames many
+    /// times); [`Archive::verify`] always hashes.
     pub fn frame(&self, frame: u32) -> Result<&[u8]> {
+        self.frame_checked(frame, false)
+    }
+
+    fn frame_checked(&self, frame: u32, force: bool) -> Result<&[u8]> {
         let (slot, off, len) = self.locate(frame)?;
         let bytes = &slot.data.bytes()[off..off + len];
+        if !force && self.checked.get(frame) {
+            return Ok(bytes);
+        }
         let found = Digest::of(bytes);
         let expected = self.index.frames[frame as usize].sha256();
         if found.as_bytes() != expected {
@@ -416,6 +455,7 @@ impl Archive {
                 found: *found.as_bytes(),
             });
         }
+        self.checked.set(frame);
         Ok(bytes)
     }
 
@@ -430,8 +470,18 @@ impl Archive {
             member: self.member_name(frame),
             reason,
         };
-        let n = zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress_to_buffer(c, out))
+        thread_local! {
+            static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let n = DCTX
+            .with_borrow_mut(|d| {
+                let d = match d {
+                    Some(d) => d,
+                    None => d.insert(zstd::bulk::Decompressor::new()?),
+                };
+                d.decompress_to_buffer(c, out)
+            })
             .map_err(|e| fail(format!("zstd: {e}")))?;
         if n != dsize {
             return Err(fail(format!(
@@ -441,9 +491,14 @@ impl Archive {
         Ok(())
     }
 
-    fn release_frame(&self, frame: u32) {
+    /// Drops a frame's pages from this process, together with the 64 KiB around it that the
+    /// kernel's fault-around maps with it (neighbouring frames fault back in when read).
+    pub(crate) fn release_frame(&self, frame: u32) {
+        const AROUND: usize = 64 << 10;
         if let Ok((slot, off, len)) = self.locate(frame) {
-            slot.data.release(off, len);
+            let start = off.saturating_sub(AROUND) & !(AROUND - 1);
+            let end = (off + len + AROUND).min(slot.data.bytes().len());
+            slot.data.release(start, end - start);
         }
     }
 
@@ -483,6 +538,58 @@ impl Archive {
         r.done = offset;
         r.check_digest = false;
         Ok(r)
+    }
+
+    /// Streams `len` bytes of a blob's content from byte `offset` for a server: each frame is
+    /// decompressed into a fresh buffer handed to `sink` with the range of it that is content,
+    /// so nothing is copied again. Frames are checked against the index (once per `Archive`,
+    /// see [`Archive::frame`]) and their pages released after use; the tar header, padding
+    /// and content digest are not checked here (the client checks the digest). Stops early
+    /// when `sink` returns false.
+    pub fn stream_blob(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        mut sink: impl FnMut(Vec<u8>, std::ops::Range<usize>) -> bool,
+    ) -> Result<()> {
+        let b = self
+            .index
+            .blob(digest)
+            .ok_or(Error::NoSuchBlob { digest: *digest })?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= b.size)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "blob {digest}: bytes {offset}+{len} are past its {} bytes",
+                    b.size
+                ))
+            })?;
+        let chunk = u64::from(crate::CHUNK);
+        // Positions in the member's stream: header, then content.
+        let (mut at, stop) = (tar::BLOCK as u64 + offset, tar::BLOCK as u64 + end);
+        while at < stop {
+            let k = at / chunk;
+            let frame = b.first_frame + k as u32;
+            let mut buf = Vec::new();
+            self.decompress_frame(frame, &mut buf)?;
+            self.release_frame(frame);
+            let from = (at - k * chunk) as usize;
+            let to = ((stop - k * chunk).min(buf.len() as u64)) as usize;
+            if from >= to {
+                return Err(Error::FrameDecode {
+                    frame,
+                    member: tar::blob_path(digest),
+                    reason: "frames end before the content does".into(),
+                });
+            }
+            at += (to - from) as u64;
+            if !sink(buf, from..to) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Reads one of the non-blob members (`oci-layout`, `index.json`, `bundle.json`) whole.
@@ -541,7 +648,7 @@ impl Archive {
                 let results: Vec<Result<u64>> = window
                     .par_iter()
                     .map(|&f| {
-                        let n = self.frame(f)?.len() as u64;
+                        let n = self.frame_checked(f, true)?.len() as u64;
                         self.release_frame(f);
                         Ok(n)
                     })

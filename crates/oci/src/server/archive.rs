@@ -5,7 +5,6 @@
 //! as it is read, nothing extracted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Read;
 
 use bytes::Bytes;
 
@@ -135,9 +134,9 @@ impl ArchiveStore {
         }
     }
 
-    /// Streams `len` bytes of a blob from `offset` into `sink` (which returns false when the
-    /// client went away). Frames are checked against the index as they are read; the content
-    /// digest is not hashed again, since checked frames are the bytes `create` hashed.
+    /// Streams `len` bytes of a blob from `offset` into `sink` (false: the client went away),
+    /// one decompressed frame at a time, each checked against the index the first time it is
+    /// read (see `Archive::stream_blob`).
     pub(super) fn stream_blob(
         &self,
         digest: &Digest,
@@ -145,27 +144,11 @@ impl ArchiveStore {
         len: u64,
         sink: &mut dyn FnMut(Bytes) -> bool,
     ) -> Result<(), Error> {
-        let mut r = self
-            .archive
-            .blob_from(digest, offset)?
-            .without_digest_check()
-            .release_pages();
-        let mut left = len;
-        while left > 0 {
-            let mut buf = vec![0u8; (256 << 10).min(left as usize)];
-            let n = r
-                .read(&mut buf)
-                .map_err(|e| Error::io(format!("blob {digest}"), "read", e))?;
-            if n == 0 {
-                break;
-            }
-            buf.truncate(n);
-            left -= n as u64;
-            if !sink(Bytes::from(buf)) {
-                break;
-            }
-        }
-        Ok(())
+        self.archive
+            .stream_blob(digest, offset, len, |buf, range| {
+                sink(Bytes::from(buf).slice(range))
+            })
+            .map_err(Error::from)
     }
 
     pub(super) fn tags(&self, name: &str) -> Result<Vec<String>, ApiError> {

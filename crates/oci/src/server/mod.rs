@@ -511,7 +511,9 @@ async fn blob(
             if *method == Method::HEAD || len == 0 {
                 return respond(status, &h, Body::empty());
             }
-            let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+            // One chunk (up to a frame) queued while the next is read: memory per stream stays at
+            // about two frames, which matters with dozens of parallel layer pulls.
+            let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
             let b = backend.clone();
             tokio::task::spawn_blocking(move || {
                 let mut sink = |bytes: Bytes| tx.blocking_send(Ok(bytes)).is_ok();
