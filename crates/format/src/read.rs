@@ -14,14 +14,14 @@ use crate::{Digest, END_LEN, Error, Hasher, Index, Result, tar};
 
 /// Bytes of one part: a read-only file mapping, or bytes in memory (fuzzing, tests).
 enum Data {
-    Map(Mmap),
+    Map(Mmap, File),
     Bytes(Vec<u8>),
 }
 
 impl Data {
     fn bytes(&self) -> &[u8] {
         match self {
-            Data::Map(m) => m,
+            Data::Map(m, _) => m,
             Data::Bytes(b) => b,
         }
     }
@@ -29,7 +29,7 @@ impl Data {
     /// Tells the kernel we are done with a range, so that sequential passes over a large
     /// archive do not keep it all resident.
     fn release(&self, start: usize, len: usize) {
-        if let Data::Map(m) = self {
+        if let Data::Map(m, _) = self {
             #[allow(unsafe_code)]
             // SAFETY: the mapping is a read-only MAP_SHARED file mapping; MADV_DONTNEED only
             // drops our page-table entries and later reads fault the file's pages back in,
@@ -163,7 +163,7 @@ fn map(path: &Path) -> Result<Data> {
     // change while open. A concurrent writer can only make us read wrong bytes, which the
     // frame and blob digests then reject; it cannot make safe code unsound beyond that.
     let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-    Ok(Data::Map(m))
+    Ok(Data::Map(m, f))
 }
 
 fn check_part_count(index: &Index, t: &Trailer) -> Result<()> {
@@ -462,6 +462,42 @@ impl Archive {
     /// Decompresses a checked frame into `out` (cleared first); checks its size.
     pub fn decompress_frame(&self, frame: u32, out: &mut Vec<u8>) -> Result<()> {
         let c = self.frame(frame)?;
+        self.decompress_bytes(frame, c, out)
+    }
+
+    /// Reads a frame's compressed bytes into `buf` with `pread` rather than through the
+    /// mapping (a long-running server then keeps no file pages mapped), checks them against
+    /// the index (once per `Archive`, as [`Archive::frame`]) and decompresses them into `out`.
+    pub fn read_frame(&self, frame: u32, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        let (slot, off, len) = self.locate(frame)?;
+        buf.clear();
+        match &slot.data {
+            Data::Map(_, f) => {
+                buf.resize(len, 0);
+                f.read_exact_at(buf, off as u64)
+                    .map_err(|e| Error::io(&slot.path, e))?;
+            }
+            Data::Bytes(b) => buf.extend_from_slice(&b[off..off + len]),
+        }
+        if !self.checked.get(frame) {
+            let found = Digest::of(buf);
+            let expected = self.index.frames[frame as usize].sha256();
+            if found.as_bytes() != expected {
+                return Err(Error::FrameDigest {
+                    frame,
+                    member: self.member_name(frame),
+                    path: slot.path.clone(),
+                    expected: *expected,
+                    found: *found.as_bytes(),
+                });
+            }
+            self.checked.set(frame);
+        }
+        self.decompress_bytes(frame, buf, out)
+    }
+
+    fn decompress_bytes(&self, frame: u32, c: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let dsize = self.index.frames[frame as usize].dsize() as usize;
         out.clear();
         out.reserve(dsize);
@@ -493,7 +529,7 @@ impl Archive {
 
     /// Drops a frame's pages from this process, together with the 64 KiB around it that the
     /// kernel's fault-around maps with it (neighbouring frames fault back in when read).
-    pub(crate) fn release_frame(&self, frame: u32) {
+    pub fn release_frame(&self, frame: u32) {
         const AROUND: usize = 64 << 10;
         if let Ok((slot, off, len)) = self.locate(frame) {
             let start = off.saturating_sub(AROUND) & !(AROUND - 1);
@@ -540,19 +576,18 @@ impl Archive {
         Ok(r)
     }
 
-    /// Streams `len` bytes of a blob's content from byte `offset` for a server: each frame is
-    /// decompressed into a fresh buffer handed to `sink` with the range of it that is content,
-    /// so nothing is copied again. Frames are checked against the index (once per `Archive`,
-    /// see [`Archive::frame`]) and their pages released after use; the tar header, padding
-    /// and content digest are not checked here (the client checks the digest). Stops early
-    /// when `sink` returns false.
-    pub fn stream_blob(
+    /// The frames that hold bytes `offset..offset + len` of a blob's content, each with the
+    /// range of its decompressed bytes that is content: what a server reads for a (ranged)
+    /// blob request, one [`Archive::read_frame`] at a time. Reading checks each
+    /// frame against the index (once per `Archive`, see [`Archive::frame`]) and its size; the
+    /// tar header, padding and content digest are not checked on this path (the client
+    /// checks the digest).
+    pub fn blob_frames(
         &self,
         digest: &Digest,
         offset: u64,
         len: u64,
-        mut sink: impl FnMut(Vec<u8>, std::ops::Range<usize>) -> bool,
-    ) -> Result<()> {
+    ) -> Result<Vec<(u32, std::ops::Range<usize>)>> {
         let b = self
             .index
             .blob(digest)
@@ -569,27 +604,28 @@ impl Archive {
         let chunk = u64::from(crate::CHUNK);
         // Positions in the member's stream: header, then content.
         let (mut at, stop) = (tar::BLOCK as u64 + offset, tar::BLOCK as u64 + end);
+        let mut out = Vec::new();
         while at < stop {
             let k = at / chunk;
             let frame = b.first_frame + k as u32;
-            let mut buf = Vec::new();
-            self.decompress_frame(frame, &mut buf)?;
-            self.release_frame(frame);
-            let from = (at - k * chunk) as usize;
-            let to = ((stop - k * chunk).min(buf.len() as u64)) as usize;
-            if from >= to {
+            let dsize = self
+                .index
+                .frames
+                .get(frame as usize)
+                .map_or(0, |f| u64::from(f.dsize()));
+            let from = at - k * chunk;
+            let to = (stop - k * chunk).min(dsize);
+            if from >= to || k >= u64::from(b.frames) {
                 return Err(Error::FrameDecode {
                     frame,
                     member: tar::blob_path(digest),
                     reason: "frames end before the content does".into(),
                 });
             }
-            at += (to - from) as u64;
-            if !sink(buf, from..to) {
-                break;
-            }
+            out.push((frame, from as usize..to as usize));
+            at += to - from;
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Reads one of the non-blob members (`oci-layout`, `index.json`, `bundle.json`) whole.

@@ -5,6 +5,7 @@
 //! as it is read, nothing extracted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 
@@ -12,7 +13,7 @@ use bundle_format::{Archive, Digest};
 
 use super::error::{ApiError, Code, Error};
 use super::route::Ref;
-use super::{Listing, ManifestHit, referrer_descriptor};
+use super::{BlobSink, Listing, ManifestHit, referrer_descriptor};
 use crate::Reference;
 use crate::manifest::{Doc, OCI_MANIFEST};
 
@@ -25,9 +26,73 @@ struct Repo {
     referrers: BTreeMap<Digest, Vec<serde_json::Value>>,
 }
 
+/// Frame buffers, reused and bounded: at most `cap` exist at once (in use or idle), so a
+/// server's memory for blob streams stays under that many frames however many clients pull
+/// at once; a stream waits for a buffer when all are out (they come back as soon as the
+/// frames they hold are written to their sockets). Reuse also spares glibc's arenas the churn
+/// of 1 MiB allocations, which they would keep resident.
+struct Pool(Arc<PoolInner>);
+
+struct PoolInner {
+    /// Idle buffers, and how many exist in all.
+    state: Mutex<(Vec<Vec<u8>>, usize)>,
+    returned: Condvar,
+    cap: usize,
+}
+
+/// Decompressed frames (about 1 MiB each) that may exist at once.
+pub const OUT_BUFFERS: usize = 40;
+/// Compressed frames being read at once.
+pub const READ_BUFFERS: usize = 8;
+
+/// A buffer that goes back to its pool when the last `Bytes` over it is dropped.
+struct Pooled(Vec<u8>, Arc<PoolInner>);
+
+impl Pool {
+    fn new(cap: usize) -> Pool {
+        Pool(Arc::new(PoolInner {
+            state: Mutex::new((Vec::new(), 0)),
+            returned: Condvar::new(),
+            cap,
+        }))
+    }
+
+    fn take(&self) -> Pooled {
+        let inner = &self.0;
+        let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(buf) = st.0.pop() {
+                return Pooled(buf, inner.clone());
+            }
+            if st.1 < inner.cap {
+                st.1 += 1;
+                return Pooled(Vec::new(), inner.clone());
+            }
+            st = inner.returned.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut st = self.1.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0.push(std::mem::take(&mut self.0));
+        drop(st);
+        self.1.returned.notify_one();
+    }
+}
+
 /// An archive served read-only.
 pub struct ArchiveStore {
     archive: Archive,
+    out_pool: Pool,
+    read_pool: Pool,
     repos: BTreeMap<String, Repo>,
     media_types: HashMap<Digest, String>,
 }
@@ -72,6 +137,8 @@ impl ArchiveStore {
         }
         Ok(ArchiveStore {
             archive,
+            out_pool: Pool::new(OUT_BUFFERS),
+            read_pool: Pool::new(READ_BUFFERS),
             repos,
             media_types,
         })
@@ -134,21 +201,33 @@ impl ArchiveStore {
         }
     }
 
-    /// Streams `len` bytes of a blob from `offset` into `sink` (false: the client went away),
-    /// one decompressed frame at a time, each checked against the index the first time it is
-    /// read (see `Archive::stream_blob`).
+    /// Streams `len` bytes of a blob from `offset` into `sink`, one decompressed frame at a
+    /// time into pooled buffers that go out without a copy; the next frame is decompressed
+    /// only once `sink` has room, so a stream holds about two frames.
     pub(super) fn stream_blob(
         &self,
         digest: &Digest,
         offset: u64,
         len: u64,
-        sink: &mut dyn FnMut(Bytes) -> bool,
+        sink: &mut dyn BlobSink,
     ) -> Result<(), Error> {
-        self.archive
-            .stream_blob(digest, offset, len, |buf, range| {
-                sink(Bytes::from(buf).slice(range))
-            })
-            .map_err(Error::from)
+        for (frame, range) in self.archive.blob_frames(digest, offset, len)? {
+            if !sink.ready() {
+                break;
+            }
+            // Two pools, taken in this order, so that no wait can close a cycle: a stream waits
+            // for an output buffer holding nothing, and a read buffer is held only while
+            // reading, never while waiting for anything else.
+            let mut buf = self.out_pool.take();
+            let mut compressed = self.read_pool.take();
+            self.archive
+                .read_frame(frame, &mut compressed.0, &mut buf.0)?;
+            drop(compressed);
+            if !sink.send(Bytes::from_owner(buf).slice(range)) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn tags(&self, name: &str) -> Result<Vec<String>, ApiError> {

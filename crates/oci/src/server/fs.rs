@@ -18,7 +18,7 @@ use bundle_format::{Digest, Hasher};
 
 use super::error::{ApiError, Code, Error};
 use super::route::{Ref, valid_name, valid_upload_id};
-use super::{Listing, ManifestHit, referrer_descriptor};
+use super::{BlobSink, Listing, ManifestHit, referrer_descriptor};
 use crate::manifest::{Doc, MANIFEST_TYPES, is_index};
 use crate::reference::valid_tag;
 
@@ -217,14 +217,14 @@ impl FsStore {
         digest: &Digest,
         offset: u64,
         len: u64,
-        sink: &mut dyn FnMut(Bytes) -> bool,
+        sink: &mut dyn BlobSink,
     ) -> Result<(), Error> {
         let p = self.blob_path(digest);
         let mut f = File::open(&p).map_err(io_err(&p, "open"))?;
         f.seek(SeekFrom::Start(offset))
             .map_err(io_err(&p, "seek"))?;
         let mut left = len;
-        while left > 0 {
+        while left > 0 && sink.ready() {
             let mut buf = vec![0u8; (256 << 10).min(left as usize)];
             let n = f.read(&mut buf).map_err(io_err(&p, "read"))?;
             if n == 0 {
@@ -232,7 +232,7 @@ impl FsStore {
             }
             buf.truncate(n);
             left -= n as u64;
-            if !sink(Bytes::from(buf)) {
+            if !sink.send(Bytes::from(buf)) {
                 break;
             }
         }

@@ -39,6 +39,44 @@ pub struct ManifestHit {
     pub body: Bytes,
 }
 
+/// Where a store streams a blob: `ready` waits until the next chunk can be taken (false: the
+/// client went away), so that a store reads ahead by one chunk at most; `send` hands it over.
+pub trait BlobSink {
+    /// Waits for room for one more chunk.
+    fn ready(&mut self) -> bool;
+    /// Hands over a chunk; false when the client went away.
+    fn send(&mut self, chunk: Bytes) -> bool;
+}
+
+/// A [`BlobSink`] into the channel a response body reads from.
+struct ChannelSink {
+    tx: Option<mpsc::Sender<Result<Bytes, std::io::Error>>>,
+    permit: Option<mpsc::OwnedPermit<Result<Bytes, std::io::Error>>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl BlobSink for ChannelSink {
+    fn ready(&mut self) -> bool {
+        if self.permit.is_none() {
+            let Some(tx) = self.tx.take() else {
+                return false;
+            };
+            self.permit = self.rt.block_on(tx.reserve_owned()).ok();
+        }
+        self.permit.is_some()
+    }
+
+    fn send(&mut self, chunk: Bytes) -> bool {
+        match self.permit.take() {
+            Some(p) => {
+                self.tx = Some(p.send(Ok(chunk)));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// A sorted list of repository names or tags.
 pub type Listing = Vec<String>;
 
@@ -106,7 +144,7 @@ impl Backend {
         d: &Digest,
         offset: u64,
         len: u64,
-        sink: &mut dyn FnMut(Bytes) -> bool,
+        sink: &mut dyn BlobSink,
     ) -> Result<(), Error> {
         match self {
             Backend::Archive(s) => s.stream_blob(d, offset, len, sink),
@@ -515,11 +553,21 @@ async fn blob(
             // about two frames, which matters with dozens of parallel layer pulls.
             let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
             let b = backend.clone();
+            let rt = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
-                let mut sink = |bytes: Bytes| tx.blocking_send(Ok(bytes)).is_ok();
+                let mut sink = ChannelSink {
+                    tx: Some(tx),
+                    permit: None,
+                    rt,
+                };
                 if let Err(e) = b.stream_blob(&digest, offset, len, &mut sink) {
                     eprintln!("GET blob {digest} of {name}: {e}");
-                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    if sink.ready() {
+                        let err = std::io::Error::other(e.to_string());
+                        if let Some(p) = sink.permit.take() {
+                            p.send(Err(err));
+                        }
+                    }
                 }
             });
             respond(status, &h, Body::stream(rx))

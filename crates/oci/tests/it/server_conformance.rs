@@ -2318,3 +2318,81 @@ async fn blob_file_appears_only_after_its_digest_is_checked() {
     }
     s.stop().await;
 }
+
+/// More parallel blob streams than the archive store has frame buffers
+/// (`archive::OUT_BUFFERS`): every stream completes with the right bytes (streams wait for
+/// buffers, none deadlocks), and streams whose client walks away mid-blob give their buffers
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_streams_than_frame_buffers() {
+    use bundle_oci::server::archive::OUT_BUFFERS;
+    let dir = tempfile::tempdir().unwrap();
+    let layer = bundle_testimages::noise(7, 3 * (1 << 20) + 12_345);
+    let config = to_json(&json!({ "architecture": "amd64", "os": "linux" }));
+    let manifest = image_manifest((OCI_CONFIG, &config), &[(OCI_LAYER, &layer)]);
+    let blob = |bytes: &[u8], media_type: &str| BlobInput {
+        digest: Digest::of(bytes),
+        size: bytes.len() as u64,
+        media_type: Some(media_type.into()),
+        content: Content::Bytes(Arc::from(bytes)),
+    };
+    let input = BundleInput {
+        name: "streams".into(),
+        version: "1".into(),
+        blobs: vec![
+            blob(&config, OCI_CONFIG),
+            blob(&layer, OCI_LAYER),
+            blob(&manifest, OCI_MANIFEST),
+        ],
+        images: vec![ImageInput {
+            name: "registry.example/big/layer:1".into(),
+            digest: Digest::of(&manifest),
+            media_type: OCI_MANIFEST.into(),
+            size: manifest.len() as u64,
+            platforms: vec!["linux/amd64".into()],
+        }],
+        ..BundleInput::default()
+    };
+    let out = dir.path().join("streams.bundle");
+    let opts = WriteOptions {
+        level: 1,
+        split_size: None,
+    };
+    bundle_format::write(&input, &out, &opts).unwrap();
+    let backend = Backend::Archive(ArchiveStore::new(Archive::open(&out).unwrap()).unwrap());
+    let server = Server::start(backend).await;
+    let path = format!("/v2/big/layer/blobs/{}", Digest::of(&layer));
+    let want = Digest::of(&layer);
+    let streams = OUT_BUFFERS * 2 + 5;
+    for round in 0..2 {
+        // Clients that read a little and walk away, holding buffers until they go.
+        let mut quitters = Vec::new();
+        for _ in 0..OUT_BUFFERS {
+            let mut s = TcpStream::connect(server.addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut first = [0u8; 4096];
+            let _ = s.read(&mut first).await.unwrap();
+            quitters.push(s);
+        }
+        drop(quitters);
+        let mut tasks = Vec::new();
+        for _ in 0..streams {
+            let c = server.client();
+            let path = path.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = c.send(Method::GET, &path, &[], Bytes::new()).await;
+                (r.status, Digest::of(&r.body))
+            }));
+        }
+        for t in tasks {
+            let (status, got) = tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("every stream finishes")
+                .unwrap();
+            assert_eq!(status, StatusCode::OK, "round {round}");
+            assert_eq!(got, want, "round {round}");
+        }
+    }
+    server.stop().await;
+}
