@@ -1379,13 +1379,19 @@ fn serve_group(cx: &Cx, statics: Result<Statics>) -> Result<Section> {
             Err(e) => (Err(e), Err(anyhow!("skipped: the server did not start"))),
         }
     };
-    let serve = |k: u32| {
+    let serve_with = |k: u32, verify: bool| {
+        let mut args: Vec<&dyn AsRef<OsStr>> =
+            vec![&"serve", &archive, &"--listen", &"127.0.0.1:0"];
+        if verify {
+            args.push(&"--verify");
+        }
         Server::start(
-            cx.bundle(&cx.out, &[&"serve", &archive, &"--listen", &"127.0.0.1:0"]),
+            cx.bundle(&cx.out, &args),
             &log(&format!("serve.{k}.log")),
             serving_addr,
         )
     };
+    let serve = |k: u32| serve_with(k, false);
     let agent = |k: u32| {
         Server::start(
             cmd(
@@ -1421,6 +1427,9 @@ fn serve_group(cx: &Cx, statics: Result<Statics>) -> Result<Section> {
         sequential("serve-pull", srv.addr(), &|| srv.cpu())
     });
     let seq_bytes = disk_bytes(&cx.out.join(PULL_OCI));
+    let (verify_seq, _) = round(serve_with(3, true), &|srv| {
+        sequential("serve-verify-pull", srv.addr(), &|| srv.cpu())
+    });
     let (peer_seq, peer_seq_use) = match &mut reg {
         Ok(r) => {
             let m = sequential("serve-pull-peer", &r.addr(), &|| r.cpu());
@@ -1475,6 +1484,17 @@ fn serve_group(cx: &Cx, statics: Result<Statics>) -> Result<Section> {
         seq_bytes,
         &peer_name(&format!("{n} runs")),
         Some(1.0),
+    ));
+    s.rows.push(speedup(
+        format!(
+            "the same from `bundle serve --verify` (each frame's sha256 checked once) ({} pulled)",
+            mb(seq_bytes)
+        ),
+        &verify_seq,
+        &peer_seq,
+        seq_bytes,
+        &peer_name(&format!("{n} runs")),
+        None,
     ));
     for (server, ours) in [
         ("`bundle serve`", &serve_par),
@@ -1531,6 +1551,7 @@ fn serve_group(cx: &Cx, statics: Result<Statics>) -> Result<Section> {
     s.errors_of(&[
         ("serve-pull", &serve_seq),
         ("serve-pull-peer", &peer_seq),
+        ("serve-verify-pull", &verify_seq),
         ("serve-pull-parallel", &serve_par),
         ("serve-pull-parallel-peer", &peer_par),
         ("agent-pull-parallel", &agent_par),

@@ -102,6 +102,11 @@ enum Command {
         /// Address to listen on (port 0 picks a free port; the address bound is printed).
         #[arg(long, default_value = "127.0.0.1:5000")]
         listen: String,
+        /// Also check each frame's sha256 against the index the first time it is served
+        /// (without it, frames are checked by their zstd checksum and clients check blob
+        /// digests; `bundle verify` checks every sha256 beforehand).
+        #[arg(long)]
+        verify: bool,
     },
     /// Extract an archive as an OCI image layout.
     Extract {
@@ -151,7 +156,11 @@ fn run(cli: Cli) -> Result<()> {
                 registry,
             },
         ),
-        Command::Serve { archive, listen } => serve(&archive, &listen),
+        Command::Serve {
+            archive,
+            listen,
+            verify,
+        } => serve(&archive, &listen, verify),
         Command::Push {
             archive,
             registry,
@@ -297,10 +306,10 @@ fn create(
     Ok(())
 }
 
-fn serve(archive: &[PathBuf], listen: &str) -> Result<()> {
+fn serve(archive: &[PathBuf], listen: &str, verify: bool) -> Result<()> {
     use bundle_oci::server::{ArchiveStore, Backend};
     let a = Archive::open_parts(archive)?;
-    let store = ArchiveStore::new(a)?;
+    let store = ArchiveStore::new(a)?.hash_frames(verify);
     let rt = registry::runtime()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)

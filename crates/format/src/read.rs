@@ -467,8 +467,16 @@ impl Archive {
 
     /// Reads a frame's compressed bytes into `buf` with `pread` rather than through the
     /// mapping (a long-running server then keeps no file pages mapped), checks them against
-    /// the index (once per `Archive`, as [`Archive::frame`]) and decompresses them into `out`.
-    pub fn read_frame(&self, frame: u32, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<()> {
+    /// the index's sha256 when `hash` is set (once per `Archive`, as [`Archive::frame`]) and
+    /// decompresses them into `out`. Decompression always checks the frame's own XXH64
+    /// content checksum, which every v1 frame carries.
+    pub fn read_frame(
+        &self,
+        frame: u32,
+        hash: bool,
+        buf: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         use std::os::unix::fs::FileExt as _;
         let (slot, off, len) = self.locate(frame)?;
         buf.clear();
@@ -480,7 +488,7 @@ impl Archive {
             }
             Data::Bytes(b) => buf.extend_from_slice(&b[off..off + len]),
         }
-        if !self.checked.get(frame) {
+        if hash && !self.checked.get(frame) {
             let found = Digest::of(buf);
             let expected = self.index.frames[frame as usize].sha256();
             if found.as_bytes() != expected {

@@ -30,12 +30,18 @@ struct Server {
 impl Server {
     /// Starts `bundle serve ARCHIVES... --listen 127.0.0.1:0` and waits for its `serving` line.
     fn start(archives: &[PathBuf]) -> Server {
+        Server::start_with(archives, &[])
+    }
+
+    /// The same with more `serve` arguments.
+    fn start_with(archives: &[PathBuf], extra: &[&str]) -> Server {
         let logs = tempfile::tempdir().unwrap();
         let stderr = logs.path().join("stderr");
         let mut cmd = support::bundle();
         cmd.arg("serve")
             .args(archives)
             .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap());
@@ -365,5 +371,60 @@ fn a_missing_archive_is_named_with_its_cause_once() {
     let parts: Vec<&str> = err.trim().split(": ").collect();
     for w in parts.windows(2) {
         assert_ne!(w[0], w[1], "the cause is printed twice: {err}");
+    }
+}
+
+/// A byte flipped inside a layer's frame: without `--verify` the frame's zstd checksum stops
+/// the blob, with it the sha256 against the index does (and the log names the frame); either
+/// way the pull fails, the server keeps serving, and images that do not use the frame pull.
+#[test]
+fn a_damaged_frame_fails_the_pull_with_and_without_verify() {
+    let (dir, archive, images) = small_archive(&[]);
+    let a = bundle_format::Archive::open(&archive).unwrap();
+    let app = a
+        .index()
+        .images
+        .iter()
+        .find(|i| i.name == "registry.example/team/app:1.0")
+        .unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&a.read_blob(&app.digest).unwrap()).unwrap();
+    let layer: bundle_format::Digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let frame = &a.index().frames[a.index().blob(&layer).unwrap().first_frame as usize];
+    let at = frame.offset() + u64::from(frame.csize()) / 2;
+    drop(a);
+    let mut bytes = std::fs::read(&archive).unwrap();
+    bytes[at as usize] ^= 0x40;
+    std::fs::write(&archive, bytes).unwrap();
+    let untouched: Vec<&(String, String)> = images
+        .iter()
+        .filter(|(n, _)| n.contains("/team/plain:"))
+        .collect();
+    assert_eq!(untouched.len(), 1);
+    for extra in [&[][..], &["--verify"][..]] {
+        let mut server = Server::start_with(std::slice::from_ref(&archive), extra);
+        let err = skopeo_copy(
+            &server.docker_ref("team/app:1.0"),
+            &format!("oci:{}:x", dir.path().join("out").display()),
+            &["--src-tls-verify=false"],
+        )
+        .unwrap_err();
+        eprintln!("{extra:?}: {err}");
+        server.assert_running();
+        let scratch = dir.path().join(format!("ok{}", extra.len()));
+        check_every_image(
+            &server,
+            &untouched.iter().map(|&x| x.clone()).collect::<Vec<_>>(),
+            &scratch,
+        );
+        if extra.is_empty() {
+            assert!(server.stderr().contains("zstd"), "{}", server.stderr());
+        } else {
+            assert!(server.stderr().contains("sha256"), "{}", server.stderr());
+        }
     }
 }

@@ -93,6 +93,7 @@ pub struct ArchiveStore {
     archive: Archive,
     out_pool: Pool,
     read_pool: Pool,
+    hash_frames: bool,
     repos: BTreeMap<String, Repo>,
     media_types: HashMap<Digest, String>,
 }
@@ -139,9 +140,21 @@ impl ArchiveStore {
             archive,
             out_pool: Pool::new(OUT_BUFFERS),
             read_pool: Pool::new(READ_BUFFERS),
+            hash_frames: true,
             repos,
             media_types,
         })
+    }
+
+    /// Whether blob streams check each frame's sha256 against the index (once per frame,
+    /// the first time it is read; the default). Without it a frame is checked only by its
+    /// zstd XXH64 checksum as it decompresses, which catches damaged media; the sha256 check
+    /// binds the bytes to the archive id, which matters when that id is trusted (`inject`
+    /// verifies every frame at start against an id from its command line; `bundle verify`
+    /// does it for a file). Manifests are always fully checked.
+    pub fn hash_frames(mut self, on: bool) -> ArchiveStore {
+        self.hash_frames = on;
+        self
     }
 
     /// The archive.
@@ -221,7 +234,7 @@ impl ArchiveStore {
             let mut buf = self.out_pool.take();
             let mut compressed = self.read_pool.take();
             self.archive
-                .read_frame(frame, &mut compressed.0, &mut buf.0)?;
+                .read_frame(frame, self.hash_frames, &mut compressed.0, &mut buf.0)?;
             drop(compressed);
             if !sink.send(Bytes::from_owner(buf).slice(range)) {
                 break;
