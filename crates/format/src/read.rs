@@ -479,14 +479,17 @@ impl Archive {
     ) -> Result<()> {
         use std::os::unix::fs::FileExt as _;
         let (slot, off, len) = self.locate(frame)?;
-        buf.clear();
         match &slot.data {
             Data::Map(_, f) => {
+                // A reused buffer keeps its length: only growth is zeroed, not every read.
                 buf.resize(len, 0);
                 f.read_exact_at(buf, off as u64)
                     .map_err(|e| Error::io(&slot.path, e))?;
             }
-            Data::Bytes(b) => buf.extend_from_slice(&b[off..off + len]),
+            Data::Bytes(b) => {
+                buf.clear();
+                buf.extend_from_slice(&b[off..off + len]);
+            }
         }
         if hash && !self.checked.get(frame) {
             let found = Digest::of(buf);
