@@ -352,3 +352,57 @@ fn parts_behind_configmap_symlinks_work() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout(&out), version_line());
 }
+
+/// The chain `deploy` builds: stage0 joins the static agent from its parts and runs it in
+/// `registry` mode as uid 65534 with no capabilities; skopeo pushes an image into it and
+/// pulls it back with the same digest.
+#[test]
+fn the_static_agent_serves_as_a_registry_through_stage0() {
+    let s = agent_parts();
+    let dir = tempfile::tempdir().unwrap();
+    let set = bundle_testimages::small_set(&dir.path().join("images")).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::os::unix::fs::chown(&root, Some(65534), Some(65534)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+    ])
+    .arg(stage0())
+    .arg(&s.sha)
+    .args(&s.parts)
+    .args(["--", "registry", "--listen", "127.0.0.1:0", "--root"])
+    .arg(&root)
+    .env_remove("BUNDLE_STAGE0_NO_MEMFD")
+    .current_dir(dir.path());
+    let agent = crate::registry::Agent::start(cmd);
+    let host = agent.host();
+    let from = format!("oci:{}:multi-1.0", set.layout.display());
+    crate::registry::skopeo(&[
+        "copy",
+        "--quiet",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &from,
+        &format!("docker://{host}/team/multi:1.0"),
+    ])
+    .unwrap();
+    let want = set
+        .images
+        .iter()
+        .find(|i| i.tag.as_deref() == Some("multi-1.0"))
+        .and_then(|i| i.descriptor.as_ref())
+        .unwrap()
+        .digest
+        .clone();
+    assert_eq!(
+        crate::registry::copy_out(host, "team/multi:1.0", &dir.path().join("back")),
+        want
+    );
+}
