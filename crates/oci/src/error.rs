@@ -20,8 +20,11 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The registry could not be reached (DNS, connect, TLS, reset) even after retries.
-    #[error("{registry}: {action}: {cause}")]
+    /// The registry could not be reached (DNS, connect, TLS, reset) even after retries. The
+    /// message carries the cause's whole chain (hyper's "client error (Connect)" says little
+    /// without the TLS or socket error under it); the cause is not a `source()` again, so a
+    /// chain printer shows it once.
+    #[error("{registry}: {action}: {}", chain(cause.as_ref()))]
     Transport {
         /// Registry host.
         registry: String,
@@ -168,3 +171,19 @@ impl From<bundle_layout::Error> for Error {
 
 /// Short for `Result<T, Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error and its sources, joined by `: `, each once.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
+}
+
