@@ -186,4 +186,3 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
-
