@@ -6,6 +6,7 @@ pub mod cache;
 pub mod client;
 pub mod error;
 pub mod manifest;
+mod pool;
 pub mod pull;
 pub mod push;
 pub mod reference;

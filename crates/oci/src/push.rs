@@ -18,6 +18,7 @@ use bundle_format::{Archive, Digest};
 
 use crate::api::{BodyFactory, UploadStart};
 use crate::manifest::{Doc, OCI_MANIFEST};
+use crate::pool::Pool;
 use crate::transport::ReqBody;
 use crate::{BoxError, Client, Error, Reference, Repo, Result, Scope};
 
@@ -250,47 +251,54 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-/// Bodies for `[offset, offset+len)` of a blob, read from the archive on a blocking thread.
-fn body_factory(archive: Arc<Archive>, digest: Digest, sent: Arc<AtomicU64>) -> BodyFactory {
+/// Decompressed frames (about 1 MiB each) that upload bodies hold at once, per job: one
+/// being filled, one in the channel, one or two being written to the socket.
+const BUFFERS_PER_JOB: usize = 4;
+
+/// Bodies for `[offset, offset+len)` of a blob: a blocking thread reads the frames that hold
+/// those bytes, checks each against the index's sha256 (nothing unverified leaves the
+/// machine), decompresses it into a pooled buffer and sends the content range of it as is.
+/// The blob's digest is not computed here: the registry computes it from what it receives
+/// and refuses the closing PUT on a mismatch, so hashing the content again would only take
+/// CPU from the registry on the same machine.
+fn body_factory(
+    archive: Arc<Archive>,
+    digest: Digest,
+    sent: Arc<AtomicU64>,
+    pool: Arc<Pool>,
+) -> BodyFactory {
     Arc::new(move |offset: u64, len: u64| -> ReqBody {
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(1);
         let archive = Arc::clone(&archive);
         let sent = Arc::clone(&sent);
+        let pool = Arc::clone(&pool);
         tokio::task::spawn_blocking(move || {
-            use std::io::Read as _;
-            // Frames are checked against the index as they are read; the registry checks
-            // the digest of the whole upload.
-            let reader = archive
-                .blob_from(&digest, offset)
-                .map(|r| r.release_pages().without_digest_check());
-            let mut reader = match reader {
-                Ok(r) => r,
+            let frames = match archive.blob_frames(&digest, offset, len) {
+                Ok(f) => f,
                 Err(e) => {
                     let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
                     return;
                 }
             };
-            let mut left = len;
-            while left > 0 {
-                let mut buf = vec![0u8; (256 << 10).min(left as usize)];
-                match reader.read(&mut buf) {
-                    Ok(0) => {
-                        let _ = tx.blocking_send(Err("archive blob ended early".into()));
-                        return;
-                    }
-                    Ok(n) => {
-                        buf.truncate(n);
-                        left -= n as u64;
-                        sent.fetch_add(n as u64, Ordering::Relaxed);
-                        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
-                        return;
-                    }
+            for (frame, range) in frames {
+                let mut buf = pool.take();
+                if tx.is_closed() {
+                    return;
                 }
+                if let Err(e) = archive.decompress_frame(frame, &mut buf.0) {
+                    let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
+                    return;
+                }
+                // One pass over the archive: drop the pages of frames already sent.
+                archive.release_frame(frame);
+                let n = range.len() as u64;
+                if tx
+                    .blocking_send(Ok(Bytes::from_owner(buf).slice(range)))
+                    .is_err()
+                {
+                    return;
+                }
+                sent.fetch_add(n, Ordering::Relaxed);
             }
         });
         ChannelBody { rx, remaining: len }.boxed_unsync()
@@ -303,16 +311,25 @@ enum Outcome {
     Uploaded,
 }
 
+/// What every blob upload of one push shares.
+struct Uploader {
+    client: Client,
+    archive: Arc<Archive>,
+    /// Chunk size for chunked uploads.
+    chunk: u64,
+    /// Content bytes sent so far.
+    sent: Arc<AtomicU64>,
+    pool: Arc<Pool>,
+}
+
 /// Puts one blob into `repo`: HEAD, else mount from `mount_from`, else upload.
 async fn push_blob(
-    client: &Client,
-    archive: &Arc<Archive>,
+    up: &Uploader,
     repo: &Repo,
     digest: Digest,
     mount_from: Option<&str>,
-    chunk: u64,
-    sent: &Arc<AtomicU64>,
 ) -> Result<Outcome> {
+    let (client, archive, chunk) = (&up.client, &up.archive, up.chunk);
     let size = archive
         .index()
         .blob(&digest)
@@ -329,7 +346,12 @@ async fn push_blob(
     if client.blob_size(repo, &scope, &digest).await?.is_some() {
         return Ok(Outcome::Skipped);
     }
-    let body = body_factory(Arc::clone(archive), digest, Arc::clone(sent));
+    let body = body_factory(
+        Arc::clone(archive),
+        digest,
+        Arc::clone(&up.sent),
+        Arc::clone(&up.pool),
+    );
     let mut restarts = 0u32;
     'session: loop {
         let mount = mount_from.map(|f| (&digest, f));
@@ -471,16 +493,20 @@ pub async fn push(
     }
     let sent = Arc::new(AtomicU64::new(0));
     let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
+    let up = Arc::new(Uploader {
+        client: client.clone(),
+        archive: Arc::clone(&archive),
+        chunk: opts.chunk_size.max(1 << 20),
+        sent: Arc::clone(&sent),
+        pool: Arc::new(Pool::new(opts.jobs.max(1) * BUFFERS_PER_JOB)),
+    });
     let mut tasks = tokio::task::JoinSet::new();
     // Largest blobs first, so the long uploads start early.
     let mut order: Vec<(Digest, Vec<Repo>)> = by_blob.into_iter().collect();
     order.sort_by_key(|(d, _)| std::cmp::Reverse(archive.index().blob(d).map_or(0, |b| b.size)));
     for (digest, repos) in order {
-        let client = client.clone();
-        let archive = Arc::clone(&archive);
+        let up = Arc::clone(&up);
         let sem = Arc::clone(&sem);
-        let sent = Arc::clone(&sent);
-        let chunk = opts.chunk_size.max(1 << 20);
         tasks.spawn(async move {
             let _permit = sem
                 .acquire_owned()
@@ -488,20 +514,9 @@ pub async fn push(
                 .map_err(|e| Error::Invalid(e.to_string()))?;
             let mut outcomes = Vec::new();
             let first = &repos[0];
-            outcomes.push(push_blob(&client, &archive, first, digest, None, chunk, &sent).await?);
+            outcomes.push(push_blob(&up, first, digest, None).await?);
             for r in &repos[1..] {
-                outcomes.push(
-                    push_blob(
-                        &client,
-                        &archive,
-                        r,
-                        digest,
-                        Some(&first.name),
-                        chunk,
-                        &sent,
-                    )
-                    .await?,
-                );
+                outcomes.push(push_blob(&up, r, digest, Some(&first.name)).await?);
             }
             Ok::<_, Error>(outcomes)
         });

@@ -5,7 +5,6 @@
 //! as it is read, nothing extracted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 
@@ -16,6 +15,7 @@ use super::route::Ref;
 use super::{BlobSink, Listing, ManifestHit, referrer_descriptor};
 use crate::Reference;
 use crate::manifest::{Doc, OCI_MANIFEST};
+use crate::pool::Pool;
 
 #[derive(Default)]
 struct Repo {
@@ -26,67 +26,10 @@ struct Repo {
     referrers: BTreeMap<Digest, Vec<serde_json::Value>>,
 }
 
-/// Frame buffers, reused and bounded: at most `cap` exist at once (in use or idle), so a
-/// server's memory for blob streams stays under that many frames however many clients pull
-/// at once; a stream waits for a buffer when all are out (they come back as soon as the
-/// frames they hold are written to their sockets). Reuse also spares glibc's arenas the churn
-/// of 1 MiB allocations, which they would keep resident.
-struct Pool(Arc<PoolInner>);
-
-struct PoolInner {
-    /// Idle buffers, and how many exist in all.
-    state: Mutex<(Vec<Vec<u8>>, usize)>,
-    returned: Condvar,
-    cap: usize,
-}
-
-/// Decompressed frames (about 1 MiB each) that may exist at once.
+/// Decompressed frames (about 1 MiB each) that blob streams hold at once.
 pub const OUT_BUFFERS: usize = 40;
 /// Compressed frames being read at once.
 pub const READ_BUFFERS: usize = 8;
-
-/// A buffer that goes back to its pool when the last `Bytes` over it is dropped.
-struct Pooled(Vec<u8>, Arc<PoolInner>);
-
-impl Pool {
-    fn new(cap: usize) -> Pool {
-        Pool(Arc::new(PoolInner {
-            state: Mutex::new((Vec::new(), 0)),
-            returned: Condvar::new(),
-            cap,
-        }))
-    }
-
-    fn take(&self) -> Pooled {
-        let inner = &self.0;
-        let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(buf) = st.0.pop() {
-                return Pooled(buf, inner.clone());
-            }
-            if st.1 < inner.cap {
-                st.1 += 1;
-                return Pooled(Vec::new(), inner.clone());
-            }
-            st = inner.returned.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        let mut st = self.1.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0.push(std::mem::take(&mut self.0));
-        drop(st);
-        self.1.returned.notify_one();
-    }
-}
 
 /// An archive served read-only.
 pub struct ArchiveStore {
