@@ -15,6 +15,14 @@ use bundle_layout::{Platform, SourceSpec};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+/// `println!` that returns the write error instead of panicking, so that `bundle ... | head`
+/// ends quietly (main treats a broken pipe as success).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "bundle",
@@ -178,7 +186,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Extract { archive, dir } => {
             let a = Archive::open(&archive)?;
             a.extract(&dir)?;
-            println!(
+            out!(
                 "extracted {} images ({} blobs) into {}",
                 a.index().images.len(),
                 a.index().blobs.len(),
@@ -293,9 +301,9 @@ fn create(
         new_lock.save(&lock_path)?;
     }
     for p in &summary.paths {
-        println!("wrote {}", p.display());
+        out!("wrote {}", p.display());
     }
-    println!(
+    out!(
         "archive {} : {} images, {} blobs, {} frames, {} bytes",
         summary.id,
         summary.index.images.len(),
@@ -317,7 +325,7 @@ fn serve(archive: &[PathBuf], listen: &str, verify: bool) -> Result<()> {
             .with_context(|| format!("listening on {listen}"))?;
         let local = listener.local_addr()?;
         let idx = store.archive().index();
-        println!(
+        out!(
             "serving {} {} ({} images) on http://{local}/v2/",
             idx.name,
             idx.version,
@@ -325,7 +333,7 @@ fn serve(archive: &[PathBuf], listen: &str, verify: bool) -> Result<()> {
         );
         for img in &idx.images {
             if let Ok(r) = img.name.parse::<bundle_oci::Reference>() {
-                println!(
+                out!(
                     "  {local}/{}",
                     r.to_string()
                         .trim_start_matches(&format!("{}/", r.registry))
@@ -363,9 +371,9 @@ fn push(
     let started = std::time::Instant::now();
     let report = rt.block_on(bundle_oci::push::push(&client, a, &opts))?;
     for (name, to, digest) in &report.images {
-        println!("{name} -> {to} ({digest})");
+        out!("{name} -> {to} ({digest})");
     }
-    println!(
+    out!(
         "pushed {} images in {:.1}s: {} blobs uploaded, {} already present, {} mounted, {} manifests, {} bytes sent",
         report.images.len(),
         started.elapsed().as_secs_f64(),
@@ -383,7 +391,7 @@ fn verify(paths: &[PathBuf], deep: bool, per_part: bool) -> Result<()> {
         for p in paths {
             let a = Archive::open_part(p)?;
             let r = a.verify(deep)?;
-            println!(
+            out!(
                 "ok: {} is part {} of {} of archive {}: {} frames, {} bytes verified",
                 p.display(),
                 r.parts.first().copied().unwrap_or_default(),
@@ -397,7 +405,7 @@ fn verify(paths: &[PathBuf], deep: bool, per_part: bool) -> Result<()> {
     }
     let a = Archive::open_parts(paths)?;
     let r = a.verify(deep)?;
-    println!(
+    out!(
         "ok: archive {} ({} {}): {} parts, {} frames, {} bytes verified{}",
         a.id(),
         a.index().name,

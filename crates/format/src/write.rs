@@ -266,20 +266,44 @@ fn plan(input: &BundleInput) -> Result<Vec<Member>> {
     Ok(members)
 }
 
-/// One frame's worth of the tar stream, before compression.
+/// One frame's worth of the tar stream, before compression: `data[..len]`.
 struct Job {
     frame: u32,
     data: Vec<u8>,
+    len: usize,
+}
+
+/// Buffers handed back for reuse, so that frames are neither allocated nor zeroed again:
+/// a buffer is zeroed once, when made, and then only overwritten. At most as many are made
+/// as can be in flight at once.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    /// A reused buffer at least `len` bytes long, or a new one of `len` zero bytes.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = self.0.lock().ok().and_then(|mut p| p.pop());
+        match reused {
+            Some(b) if b.len() >= len => b,
+            _ => vec![0; len],
+        }
+    }
+    fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut p) = self.0.lock() {
+            p.push(buf);
+        }
+    }
 }
 
 /// Reads members in order, cuts the tar stream into frames and sends them numbered in stream
 /// order. Hashes blob content as it is read: a blob that does not match its digest ends the
-/// stream with an error. Stops quietly when the receivers hang up.
-fn produce(members: &[Member], tx: mpsc::SyncSender<Job>) -> Result<()> {
+/// stream with an error. Stops quietly when the receivers hang up. Frame buffers come from
+/// `pool` (all `CHUNK` bytes long; a job says how many of them are the frame).
+fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result<()> {
     let mut open: Option<(PathBuf, File)> = None;
     let mut frame: u32 = 0;
-    let mut send = |data: Vec<u8>| -> bool {
-        let job = Job { frame, data };
+    let mut send = |data: Vec<u8>, len: usize| -> bool {
+        let job = Job { frame, data, len };
         frame += 1;
         tx.send(job).is_ok()
     };
@@ -287,39 +311,45 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Job>) -> Result<()> {
     for m in members {
         let size = m.size();
         let mut hasher = Hasher::new();
-        let mut buf = Vec::with_capacity(chunk);
-        buf.extend_from_slice(&tar::header(&m.tar_path(), size));
+        let mut buf = pool.take(chunk);
+        let header = tar::header(&m.tar_path(), size);
+        buf[..header.len()].copy_from_slice(&header);
+        let mut len = header.len();
         let mut done: u64 = 0;
         let mut pad_left = (tar::padded(size) - size) as usize;
         loop {
             // Fill the frame with content, then padding.
-            if done < size && buf.len() < chunk {
-                let n = ((chunk - buf.len()) as u64).min(size - done) as usize;
-                let start = buf.len();
-                buf.resize(start + n, 0);
-                fill(m, &mut buf[start..], done, &mut open)?;
-                hasher.update(&buf[start..]);
+            if done < size && len < chunk {
+                let n = ((chunk - len) as u64).min(size - done) as usize;
+                let part = &mut buf[len..len + n];
+                fill(m, part, done, &mut open)?;
+                hasher.update(part);
+                len += n;
                 done += n as u64;
             }
-            if done == size && pad_left > 0 && buf.len() < chunk {
-                let n = pad_left.min(chunk - buf.len());
-                buf.resize(buf.len() + n, 0);
+            if done == size && pad_left > 0 && len < chunk {
+                let n = pad_left.min(chunk - len);
+                buf[len..len + n].fill(0);
+                len += n;
                 pad_left -= n;
             }
             let last = done == size && pad_left == 0;
             if last {
                 check_blob(m, hasher)?;
-                if !send(buf) {
+                if !send(buf, len) {
                     return Ok(());
                 }
                 break;
             }
-            if buf.len() == chunk && !send(std::mem::replace(&mut buf, Vec::with_capacity(chunk))) {
-                return Ok(());
+            if len == chunk {
+                if !send(std::mem::replace(&mut buf, pool.take(chunk)), len) {
+                    return Ok(());
+                }
+                len = 0;
             }
         }
     }
-    send(vec![0u8; END_LEN]);
+    send(vec![0u8; END_LEN], END_LEN);
     Ok(())
 }
 
@@ -386,30 +416,104 @@ fn fill(m: &Member, out: &mut [u8], done: u64, open: &mut Option<(PathBuf, File)
     Ok(())
 }
 
+/// A zstd compression context with the frame parameters of spec section 4. The `zstd`
+/// crate cannot set `ZSTD_c_blockSplitterLevel`, so the context is driven through
+/// `zstd-sys` directly.
+mod cctx {
+    #![allow(unsafe_code)]
+
+    use std::ffi::CStr;
+    use std::ptr::NonNull;
+
+    use zstd::zstd_safe::zstd_sys as sys;
+
+    /// `ZSTD_c_blockSplitterLevel` (`ZSTD_c_experimentalParam20` in zstd 1.5.7).
+    const BLOCK_SPLITTER_LEVEL: sys::ZSTD_cParameter =
+        sys::ZSTD_cParameter::ZSTD_c_experimentalParam20;
+
+    pub(super) struct Cctx(NonNull<sys::ZSTD_CCtx>);
+
+    fn check(code: usize) -> Result<usize, String> {
+        // SAFETY: ZSTD_isError and ZSTD_getErrorName accept any value and the name is a
+        // static NUL-terminated string.
+        unsafe {
+            if sys::ZSTD_isError(code) == 0 {
+                Ok(code)
+            } else {
+                Err(CStr::from_ptr(sys::ZSTD_getErrorName(code))
+                    .to_string_lossy()
+                    .into_owned())
+            }
+        }
+    }
+
+    impl Cctx {
+        pub(super) fn new(level: i32) -> Result<Cctx, String> {
+            // SAFETY: no preconditions; null means out of memory.
+            let ptr = unsafe { sys::ZSTD_createCCtx() };
+            let cctx = Cctx(NonNull::new(ptr).ok_or("cannot allocate a zstd context")?);
+            for (param, value) in [
+                (sys::ZSTD_cParameter::ZSTD_c_compressionLevel, level),
+                (sys::ZSTD_cParameter::ZSTD_c_checksumFlag, 1),
+                (sys::ZSTD_cParameter::ZSTD_c_contentSizeFlag, 1),
+                // 1: blocks are never split before compression (zstd 1.5.7 would at every
+                // level); see spec section 4.
+                (BLOCK_SPLITTER_LEVEL, 1),
+            ] {
+                // SAFETY: the context is valid until dropped.
+                check(unsafe { sys::ZSTD_CCtx_setParameter(cctx.0.as_ptr(), param, value) })?;
+            }
+            Ok(cctx)
+        }
+
+        /// Compresses `src` as one frame into `out`, replacing its contents.
+        pub(super) fn compress(&mut self, src: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+            out.clear();
+            out.reserve(zstd::zstd_safe::compress_bound(src.len()));
+            // SAFETY: the context is valid; dst is `out`'s spare capacity and src is `src`,
+            // both with their true lengths; zstd writes at most dstCapacity bytes.
+            let n = check(unsafe {
+                sys::ZSTD_compress2(
+                    self.0.as_ptr(),
+                    out.as_mut_ptr().cast(),
+                    out.capacity(),
+                    src.as_ptr().cast(),
+                    src.len(),
+                )
+            })?;
+            // SAFETY: zstd initialised the first `n` bytes, and n <= capacity.
+            unsafe { out.set_len(n) };
+            Ok(())
+        }
+    }
+
+    impl Drop for Cctx {
+        fn drop(&mut self) {
+            // SAFETY: the context came from ZSTD_createCCtx and is freed once.
+            unsafe {
+                sys::ZSTD_freeCCtx(self.0.as_ptr());
+            }
+        }
+    }
+}
+
 thread_local! {
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, cctx::Cctx)>> =
         const { std::cell::RefCell::new(None) };
 }
 
-fn compress(data: &[u8], level: i32, frame: u32) -> Result<Vec<u8>> {
-    let err = |e: std::io::Error| Error::Compress {
-        frame,
-        message: e.to_string(),
-    };
+/// Compresses `data` into `out` (cleared first; its capacity is reused).
+fn compress(data: &[u8], level: i32, frame: u32, out: &mut Vec<u8>) -> Result<()> {
+    let err = |message: String| Error::Compress { frame, message };
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if !matches!(&*c, Some((l, _)) if *l == level) {
-            let mut z = zstd::bulk::Compressor::new(level).map_err(err)?;
-            z.include_checksum(true).map_err(err)?;
-            z.include_contentsize(true).map_err(err)?;
-            *c = Some((level, z));
+            *c = Some((level, cctx::Cctx::new(level).map_err(err)?));
         }
         let Some((_, z)) = c.as_mut() else {
             unreachable!()
         };
-        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
-        z.compress_to_buffer(data, &mut out).map_err(err)?;
-        Ok(out)
+        z.compress(data, out).map_err(err)
     })
 }
 
@@ -559,7 +663,7 @@ struct PartWriter<'a> {
 }
 
 /// Bytes written between background syncs.
-const SYNC_EVERY: u64 = 64 << 20;
+const SYNC_EVERY: u64 = 16 << 20;
 
 impl PartWriter<'_> {
     fn new_part(&mut self, first_frame: u32) -> Result<()> {
@@ -575,7 +679,8 @@ impl PartWriter<'_> {
         self.guard.0.push(tmp.clone());
         self.parts.push(PartFile {
             tmp,
-            file: BufWriter::with_capacity(1 << 20, file),
+            // Small: frames as large as the buffer bypass it rather than being copied into it.
+            file: BufWriter::with_capacity(64 << 10, file),
             first_frame,
             frames: 0,
             size: 0,
@@ -583,7 +688,7 @@ impl PartWriter<'_> {
         Ok(())
     }
 
-    fn push(&mut self, c: Compressed) -> Result<()> {
+    fn push(&mut self, c: &Compressed) -> Result<()> {
         if c.bytes.len() > MAX_FRAME_COMPRESSED as usize {
             return Err(Error::Compress {
                 frame: c.frame,
@@ -648,13 +753,16 @@ fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Resu
     let jrx = std::sync::Arc::new(std::sync::Mutex::new(jrx));
     let (rtx, rrx) = mpsc::sync_channel::<Result<Compressed>>(workers * 2);
     let (stx, srx) = mpsc::sync_channel::<File>(1);
+    // Uncompressed frames go back to the reader, compressed ones to the workers.
+    let (inputs, outputs) = (Pool::default(), Pool::default());
     std::thread::scope(|s| -> Result<()> {
-        let producer = s.spawn(|| produce(members, jtx));
+        let producer = s.spawn(|| produce(members, jtx, &inputs));
         for _ in 0..workers {
             // Each worker owns a handle on the job queue, so the queue closes (and the
             // producer stops) when the workers are gone.
             let jrx = std::sync::Arc::clone(&jrx);
             let rtx = rtx.clone();
+            let (inputs, outputs) = (&inputs, &outputs);
             s.spawn(move || {
                 loop {
                     let next = match jrx.lock() {
@@ -662,12 +770,17 @@ fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Resu
                         Err(_) => return,
                     };
                     let Ok(job) = next else { return };
-                    let res = compress(&job.data, level, job.frame).map(|bytes| Compressed {
-                        frame: job.frame,
-                        sha: *Digest::of(&bytes).as_bytes(),
-                        bytes,
-                        dsize: job.data.len() as u32,
-                    });
+                    let mut bytes = outputs.take(0);
+                    let res =
+                        compress(&job.data[..job.len], level, job.frame, &mut bytes).map(|()| {
+                            Compressed {
+                                frame: job.frame,
+                                sha: *Digest::of(&bytes).as_bytes(),
+                                bytes,
+                                dsize: job.len as u32,
+                            }
+                        });
+                    inputs.give(job.data);
                     if rtx.send(res).is_err() {
                         return;
                     }
@@ -692,10 +805,11 @@ fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Resu
                     pending.insert(c.frame, c);
                     while let Some(c) = pending.remove(&next) {
                         next += 1;
-                        if let Err(e) = writer.push(c) {
+                        if let Err(e) = writer.push(&c) {
                             result = Err(e);
                             break 'recv;
                         }
+                        outputs.give(c.bytes);
                     }
                 }
                 Err(e) => {
@@ -826,4 +940,52 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
         size,
         index,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One `CHUNK` of compressible bytes whose statistics change every 64 KiB (text, then
+    /// small binary values), the kind of input zstd's block splitter would cut.
+    fn sample() -> Vec<u8> {
+        let mut x: u64 = 1;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) as usize
+        };
+        let words = [
+            "layer ", "blob ", "frame ", "zstd ", "tar ", "index ", "sha256 ", "\n",
+        ];
+        let mut out = Vec::with_capacity(CHUNK as usize);
+        while out.len() < CHUNK as usize {
+            if (out.len() >> 16) % 2 == 0 {
+                out.extend_from_slice(words[next() % words.len()].as_bytes());
+            } else {
+                out.push((next() % 16) as u8);
+            }
+        }
+        out.truncate(CHUNK as usize);
+        out
+    }
+
+    /// The golden archive's frames are all under 128 KiB, where zstd never splits blocks;
+    /// this pins a full frame, so that a change of the zstd parameters of spec section 4
+    /// (or of the zstd release) shows up as a test failure.
+    #[test]
+    fn full_frame_bytes_are_pinned() {
+        let data = sample();
+        let mut out = Vec::new();
+        compress(&data, 3, 0, &mut out).unwrap();
+        assert_eq!(
+            (out.len(), Digest::of(&out).to_string().as_str()),
+            (
+                370_454,
+                "sha256:72af42e3e092090e802e4b941e311b168d5f6683f0a878e0344a45beaee72c91"
+            ),
+            "the bytes of a full frame changed: see spec/format-v1.md sections 4 and 9"
+        );
+    }
 }
