@@ -357,11 +357,12 @@ impl Index {
     /// include everything those images need: the caller reads their manifests). Frames keep
     /// their bytes and sha256, so the sub-archive's frames are the archive's own frames; each
     /// frame is a part of its own at offset 0 (see [`crate::Archive::from_frame_files`]).
+    /// Also returns, for each frame of the sub-archive, its number in this archive.
     pub fn subset(
         &self,
         images: &[&str],
         blobs: &std::collections::BTreeSet<Digest>,
-    ) -> Result<Index> {
+    ) -> Result<(Index, Vec<u32>)> {
         let mut out = Index {
             images: Vec::new(),
             files: Vec::new(),
@@ -378,10 +379,15 @@ impl Index {
                 .ok_or_else(|| Error::index("images", format!("has no image {name:?}")))?;
             out.images.push(img.clone());
         }
-        let copy = |first: u32, n: u32, out_frames: &mut Vec<Frame>| -> u32 {
+        let mut source = Vec::new();
+        let mut copy = |first: u32, n: u32, out_frames: &mut Vec<Frame>| -> u32 {
             let start = out_frames.len() as u32;
-            for f in &self.frames[first as usize..(first + n) as usize] {
+            for (k, f) in self.frames[first as usize..(first + n) as usize]
+                .iter()
+                .enumerate()
+            {
                 out_frames.push(Frame(0, f.1, f.2, f.3));
+                source.push(first + k as u32);
             }
             start
         };
@@ -415,7 +421,7 @@ impl Index {
             })
             .collect();
         out.validate()?;
-        Ok(out)
+        Ok((out, source))
     }
 
     /// The blob with this digest.

@@ -441,22 +441,28 @@ impl Archive {
     fn frame_checked(&self, frame: u32, force: bool) -> Result<&[u8]> {
         let (slot, off, len) = self.locate(frame)?;
         let bytes = &slot.data.bytes()[off..off + len];
-        if !force && self.checked.get(frame) {
-            return Ok(bytes);
+        if force || !self.checked.get(frame) {
+            self.check_sha256(frame, &slot.path, bytes)?;
         }
+        Ok(bytes)
+    }
+
+    /// Checks a frame's compressed bytes against the index's sha256 and remembers that it
+    /// passed.
+    fn check_sha256(&self, frame: u32, path: &Path, bytes: &[u8]) -> Result<()> {
         let found = Digest::of(bytes);
         let expected = self.index.frames[frame as usize].sha256();
         if found.as_bytes() != expected {
             return Err(Error::FrameDigest {
                 frame,
                 member: self.member_name(frame),
-                path: slot.path.clone(),
+                path: path.to_owned(),
                 expected: *expected,
                 found: *found.as_bytes(),
             });
         }
         self.checked.set(frame);
-        Ok(bytes)
+        Ok(())
     }
 
     /// Decompresses a checked frame into `out` (cleared first); checks its size.
@@ -492,18 +498,7 @@ impl Archive {
             }
         }
         if hash && !self.checked.get(frame) {
-            let found = Digest::of(buf);
-            let expected = self.index.frames[frame as usize].sha256();
-            if found.as_bytes() != expected {
-                return Err(Error::FrameDigest {
-                    frame,
-                    member: self.member_name(frame),
-                    path: slot.path.clone(),
-                    expected: *expected,
-                    found: *found.as_bytes(),
-                });
-            }
-            self.checked.set(frame);
+            self.check_sha256(frame, &slot.path, buf)?;
         }
         self.decompress_bytes(frame, buf, out)
     }

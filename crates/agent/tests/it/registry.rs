@@ -494,12 +494,7 @@ fn skopeo_pushes_and_pulls_back_the_same_digests() {
         .unwrap();
         let want = std::fs::read_to_string(&digest_file).unwrap();
         if let Some(tag) = from.strip_prefix("oci:").and_then(|f| f.rsplit_once(':')) {
-            let source = set.images.iter().find(|i| i.tag.as_deref() == Some(tag.1));
-            assert_eq!(
-                source.and_then(|i| i.descriptor.as_ref()).unwrap().digest,
-                want,
-                "{from}"
-            );
+            assert_eq!(layout_digest(&set, tag.1), want, "{from}");
         }
         assert_eq!(served_digest(host, to).unwrap(), want, "{to}");
         let back = dir.path().join("back");
@@ -844,18 +839,12 @@ fn a_root_it_cannot_create_is_refused_naming_it_once() {
     assert_cause_once(&exited.stderr);
 }
 
-/// The agent needs no privilege: as uid/gid 65534 with every capability dropped and
-/// `no_new_privs` (what the pod's securityContext gives it), it stores and serves, and what it
-/// writes belongs to that user.
-#[test]
-fn it_runs_as_non_root_without_capabilities() {
-    use std::os::unix::fs::MetadataExt as _;
-    const NOBODY: u32 = 65534;
-    let dir = tempfile::tempdir().unwrap();
-    let set = bundle_testimages::small_set(&dir.path().join("images")).unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
-    std::os::unix::fs::chown(&root, Some(NOBODY), Some(NOBODY)).unwrap();
+/// The uid and gid the agent runs as in the pod.
+pub(crate) const NOBODY: u32 = 65534;
+
+/// `setpriv` running `program` as [`NOBODY`] with every capability dropped and
+/// `no_new_privs`, as the pod's securityContext does; its arguments follow.
+pub(crate) fn as_nobody(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new("setpriv");
     cmd.args([
         "--reuid=65534",
@@ -865,10 +854,42 @@ fn it_runs_as_non_root_without_capabilities() {
         "--bounding-set=-all",
         "--no-new-privs",
     ])
-    .arg(env!("CARGO_BIN_EXE_bundle-agent"))
-    .args(["registry", "--listen", "127.0.0.1:0", "--root"])
-    .arg(&root)
-    .current_dir(dir.path());
+    .arg(program);
+    cmd
+}
+
+/// `DIR/root`, created and owned by [`NOBODY`].
+pub(crate) fn nobody_root(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::os::unix::fs::chown(&root, Some(NOBODY), Some(NOBODY)).unwrap();
+    root
+}
+
+/// The manifest digest of the test layout's image tagged `tag`.
+pub(crate) fn layout_digest(set: &SmallSet, tag: &str) -> String {
+    set.images
+        .iter()
+        .find(|i| i.tag.as_deref() == Some(tag))
+        .and_then(|i| i.descriptor.as_ref())
+        .unwrap()
+        .digest
+        .clone()
+}
+
+/// The agent needs no privilege: as uid/gid 65534 with every capability dropped and
+/// `no_new_privs` (what the pod's securityContext gives it), it stores and serves, and what it
+/// writes belongs to that user.
+#[test]
+fn it_runs_as_non_root_without_capabilities() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let set = bundle_testimages::small_set(&dir.path().join("images")).unwrap();
+    let root = nobody_root(dir.path());
+    let mut cmd = as_nobody(env!("CARGO_BIN_EXE_bundle-agent"));
+    cmd.args(["registry", "--listen", "127.0.0.1:0", "--root"])
+        .arg(&root)
+        .current_dir(dir.path());
     let agent = Agent::start(cmd);
     let host = agent.host();
     let from = format!("oci:{}:app-1.0", set.layout.display());
@@ -880,14 +901,7 @@ fn it_runs_as_non_root_without_capabilities() {
         &format!("docker://{host}/team/app:1.0"),
     ])
     .unwrap();
-    let want = set
-        .images
-        .iter()
-        .find(|i| i.tag.as_deref() == Some("app-1.0"))
-        .and_then(|i| i.descriptor.as_ref())
-        .unwrap()
-        .digest
-        .clone();
+    let want = layout_digest(&set, "app-1.0");
     assert_eq!(served_digest(host, "team/app:1.0").unwrap(), want);
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let field = |k: &str| {

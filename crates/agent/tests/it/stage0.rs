@@ -361,25 +361,14 @@ fn the_static_agent_serves_as_a_registry_through_stage0() {
     let s = agent_parts();
     let dir = tempfile::tempdir().unwrap();
     let set = bundle_testimages::small_set(&dir.path().join("images")).unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir(&root).unwrap();
-    std::os::unix::fs::chown(&root, Some(65534), Some(65534)).unwrap();
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-        "--no-new-privs",
-    ])
-    .arg(stage0())
-    .arg(&s.sha)
-    .args(&s.parts)
-    .args(["--", "registry", "--listen", "127.0.0.1:0", "--root"])
-    .arg(&root)
-    .env_remove("BUNDLE_STAGE0_NO_MEMFD")
-    .current_dir(dir.path());
+    let root = crate::registry::nobody_root(dir.path());
+    let mut cmd = crate::registry::as_nobody(stage0());
+    cmd.arg(&s.sha)
+        .args(&s.parts)
+        .args(["--", "registry", "--listen", "127.0.0.1:0", "--root"])
+        .arg(&root)
+        .env_remove("BUNDLE_STAGE0_NO_MEMFD")
+        .current_dir(dir.path());
     let agent = crate::registry::Agent::start(cmd);
     let host = agent.host();
     let from = format!("oci:{}:multi-1.0", set.layout.display());
@@ -393,14 +382,7 @@ fn the_static_agent_serves_as_a_registry_through_stage0() {
         &format!("docker://{host}/team/multi:1.0"),
     ])
     .unwrap();
-    let want = set
-        .images
-        .iter()
-        .find(|i| i.tag.as_deref() == Some("multi-1.0"))
-        .and_then(|i| i.descriptor.as_ref())
-        .unwrap()
-        .digest
-        .clone();
+    let want = crate::registry::layout_digest(&set, "multi-1.0");
     assert_eq!(
         crate::registry::copy_out(host, "team/multi:1.0", &dir.path().join("back")),
         want

@@ -303,19 +303,7 @@ impl Payload {
     /// The payload of `names` of `archive`.
     pub fn new(archive: &Archive, names: &[&str]) -> Result<Payload, Error> {
         let blobs = closure(archive, names)?;
-        let sub = archive.index().subset(names, &blobs)?;
-        let src = archive.index();
-        let mut frames = Vec::with_capacity(sub.frames.len());
-        let mut take = |first: u32, n: u32| frames.extend(first..first + n);
-        for f in &src.files {
-            take(f.first_frame, f.frames);
-        }
-        for d in &blobs {
-            if let Some(b) = src.blob(d) {
-                take(b.first_frame, b.frames);
-            }
-        }
-        take(src.frames.len() as u32 - 1, 1);
+        let (sub, frames) = archive.index().subset(names, &blobs)?;
         let index = sub.to_cbor();
         Ok(Payload {
             id: Digest::of(&index),
