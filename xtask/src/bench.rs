@@ -27,6 +27,11 @@ const RSS_TARGET: u64 = 256 << 20;
 const SERVER_RSS_TARGET: u64 = 128 << 20;
 /// How many pulls the serve group runs at once.
 const PARALLEL_PULLS: usize = 8;
+/// Every `bundle create` here passes it. The peers copy exactly the image set; the agent
+/// image that `create` adds by default (a few MiB) would be work only bundle does, and the
+/// registry and serve groups would push and serve one image more than skopeo copies, so the
+/// ratios would no longer compare like with like.
+const NO_AGENT: &str = "--no-agent";
 const USAGE: &str = "usage: cargo xtask bench [--bytes N] [--runs N] [--only local|registry|serve]";
 
 /// A group of measurements that `--only` can pick.
@@ -464,7 +469,10 @@ impl Cx {
     fn archive(&self) -> Result<PathBuf> {
         let archive = self.all_bundle();
         if !self.have_archive.get() {
-            let mut c = self.bundle(&self.data, &[&"create", &"bundle.yaml", &"-o", &archive]);
+            let mut c = self.bundle(
+                &self.data,
+                &[&"create", &NO_AGENT, &"bundle.yaml", &"-o", &archive],
+            );
             remove(&archive).and_then(|()| util::run(&mut c))?;
             self.have_archive.set(true);
         }
@@ -778,7 +786,7 @@ fn local(cx: &Cx, sha: f64) -> Result<Section> {
     let (x_ours, x_peer) = (p("extract-bundle"), p("extract-peer"));
 
     let create = bench.best("create", &|| remove(&all_bundle), &|| {
-        bundle(&[&"create", &"bundle.yaml", &"-o", &all_bundle])
+        bundle(&[&"create", &NO_AGENT, &"bundle.yaml", &"-o", &all_bundle])
     });
     let create_peer = bench.best("create-peer", &|| remove(&all_zst), &|| {
         vec![
@@ -804,7 +812,13 @@ fn local(cx: &Cx, sha: f64) -> Result<Section> {
         vec![sh]
     });
     let plain = bench.best("create-plain", &|| remove(&plain_bundle), &|| {
-        bundle(&[&"create", &"bundle-plain.yaml", &"-o", &plain_bundle])
+        bundle(&[
+            &"create",
+            &NO_AGENT,
+            &"bundle-plain.yaml",
+            &"-o",
+            &plain_bundle,
+        ])
     });
     let plain_peer = bench.best("create-plain-peer", &|| remove(&plain_zst), &|| {
         let mut tar = cmd("tar", &[&"-cf", &"-", &"-C", layout]);
@@ -1141,6 +1155,7 @@ fn registry_group(cx: &Cx) -> Result<Section> {
                         &pull_dir,
                         &[
                             &"create",
+                            &NO_AGENT,
                             &"pull.yaml",
                             &"-o",
                             &"pull.bundle",

@@ -117,8 +117,25 @@ const DEPENDENCY_RULES: &[(&str, &[&str], &str)] = &[
     ),
     (
         "bundle-agent",
-        &["clap", "bundle-cli", "serde_yaml"],
-        "the in-cluster agent carries no command-line framework or CLI code",
+        &[
+            "clap",
+            "bundle-cli",
+            "serde_yaml",
+            "kube",
+            "k8s-openapi",
+            "bundle-deploy",
+        ],
+        "the in-cluster agent carries no command-line framework, CLI code or Kubernetes client",
+    ),
+    (
+        "bundle-oci",
+        &["kube", "k8s-openapi", "bundle-deploy", "bundle-cli"],
+        "the registry protocol knows nothing of Kubernetes: tunnels plug in as a Transport",
+    ),
+    (
+        "bundle-deploy",
+        &["clap", "bundle-cli", "anyhow"],
+        "deploy is a library: errors are its own thiserror enum, flags belong to the CLI",
     ),
 ];
 

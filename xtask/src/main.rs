@@ -4,6 +4,7 @@
 
 mod bench;
 mod ci;
+mod e2e;
 mod quickstart;
 mod registry;
 mod statics;
@@ -32,6 +33,10 @@ commands:
                           their size budgets (stage0 64 KiB, agent 8 MiB)
   ci                      install the test peers (Debian: skopeo, umoci, zstd; cargo-fuzz)
                           and run fmt, clippy, docs, tidy, a fuzz run, static and every test
+  e2e [--data-bytes N]    bundle deploy against the real cluster BUNDLE_E2E_KUBECONFIG names
+                          (skipped without it): seed, run a Pod from a deployed image, redeploy,
+                          kill and resume, newer archive, --transport proxy, push throughput
+                          against a direct push, remove; prints the timings
   tidy                    check the architecture invariants (ARCHITECTURE.md)
   fuzz [SECONDS]          build the fuzz targets (nightly) and run each for SECONDS (30)
   help                    print this message";
@@ -48,6 +53,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(rest),
         Some("static") => statics::run(&util::root()),
         Some("ci") => ci::ci(&util::root()),
+        Some("e2e") => e2e::run(rest),
         Some("tidy") => ci::tidy(&util::root()),
         Some("fuzz") => ci::fuzz(&util::root(), fuzz_seconds(rest)),
         Some("help" | "-h" | "--help") => {

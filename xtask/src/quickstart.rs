@@ -1,7 +1,8 @@
-//! `cargo xtask quickstart`: the README's first five minutes, run for real. Builds `bundle`,
-//! makes the small test images, creates, verifies, inspects and extracts a demo archive, then
-//! serves it as a registry on 127.0.0.1 and pulls an image back from it with `bundle create`,
-//! echoing every command. Needs no network beyond loopback and no cluster.
+//! `cargo xtask quickstart`: the README's first five minutes, run for real. Builds `bundle`
+//! and the static agent (as `cargo xtask static` does; the demo archive carries it as its
+//! agent image), makes the small test images, creates, verifies, inspects and extracts a demo
+//! archive, then serves it as a registry on 127.0.0.1 and pulls an image back from it with
+//! `bundle create`, echoing every command. Needs no network beyond loopback and no cluster.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -23,6 +24,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "-p",
         "bundle-testimages",
     ]))?;
+    // Into target/agent, where target/release/bundle looks (`<exe dir>/../agent`): the demo
+    // archive carries the agent image, as every archive meant for `bundle deploy` does.
+    crate::statics::build(&root)?;
 
     let out = root.join("quickstart-out");
     for old in ["demo.bundle", "extracted", "pull", "pulled.bundle"] {

@@ -1,6 +1,8 @@
 //! `cargo xtask static`: builds the two binaries that run inside the cluster, the static
 //! `bundle-agent` and the `stage0` loader, and checks that they are static and within their
-//! size budgets. `ci` runs it before the tests, which use both binaries.
+//! size budgets, then copies both into `target/agent/`, where `bundle create` finds them
+//! (`<dir of bundle>/../agent`) to build the agent image every archive carries. `ci` runs it
+//! before the tests, which use both binaries.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +28,15 @@ pub struct Statics {
     pub agent: PathBuf,
     /// The `stage0` loader (its own workspace's release profile).
     pub stage0: PathBuf,
+    /// `target/agent`: copies of both, as `bundle-agent` and `stage0`.
+    pub dir: PathBuf,
+}
+
+/// `target/agent`: the agent directory `bundle create` looks for beside `target/*/bundle`
+/// (the names in it are `bundle_layout::agent::{AGENT_FILE, STAGE0_FILE}`; xtask depends on
+/// no workspace crate, so they are repeated here).
+pub fn agent_dir(root: &Path) -> PathBuf {
+    root.join("target/agent")
 }
 
 /// `target/x86_64-unknown-linux-gnu/min-size/bundle-agent`
@@ -46,6 +57,7 @@ pub fn run(root: &Path) -> Result<()> {
     let built = build(root)?;
     println!("agent:  {}", built.agent.display());
     println!("stage0: {}", built.stage0.display());
+    println!("agent directory for bundle create: {}", built.dir.display());
     Ok(())
 }
 
@@ -78,10 +90,32 @@ pub fn build(root: &Path) -> Result<Statics> {
     let built = Statics {
         agent: agent_path(root),
         stage0: stage0_path(root),
+        dir: agent_dir(root),
     };
     check(&built.stage0, "stage0", STAGE0_BUDGET, true)?;
     check(&built.agent, "bundle-agent", AGENT_BUDGET, false)?;
+    std::fs::create_dir_all(&built.dir)
+        .with_context(|| format!("creating {}", built.dir.display()))?;
+    install(&built.agent, &built.dir.join("bundle-agent"))?;
+    install(&built.stage0, &built.dir.join("stage0"))?;
     Ok(built)
+}
+
+/// Copies `from` to `to` with mode 0755 through a temp file renamed into place, so that a
+/// `bundle create` running meanwhile reads the old binary or the new one, never half of one.
+fn install(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut tmp = to.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let copied = std::fs::copy(from, &tmp)
+        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
+        .and_then(|()| std::fs::rename(&tmp, to));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("copying {} to {}", from.display(), to.display()));
+    }
+    Ok(())
 }
 
 /// Checks that `path` is a static ELF (no `PT_INTERP`, no `DT_NEEDED`) within `budget`

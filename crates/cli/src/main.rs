@@ -3,6 +3,7 @@
 #![allow(rustdoc::broken_intra_doc_links)]
 
 mod config;
+mod deploy;
 mod registry;
 
 use std::io::Write;
@@ -59,6 +60,15 @@ enum Command {
         /// Blob cache for registry pulls [default: $XDG_CACHE_HOME/bundle or ~/.cache/bundle].
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Take the static agent from DIR (holding bundle-agent and stage0, as `cargo xtask
+        /// static` leaves them in target/agent) [default: $BUNDLE_AGENT_DIR, else
+        /// EXE_DIR/../agent, else EXE_DIR/agent, where EXE_DIR holds this bundle].
+        #[arg(long, value_name = "DIR")]
+        agent: Option<PathBuf>,
+        /// Leave the agent image out (or set BUNDLE_NO_AGENT=1): `bundle deploy` needs it, so
+        /// such an archive is only for `bundle push --registry` and `bundle serve`.
+        #[arg(long, conflicts_with = "agent")]
+        no_agent: bool,
         #[command(flatten)]
         registry: registry::RegistryArgs,
     },
@@ -116,6 +126,11 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Deploy an archive into a cluster: seed a registry there if it has none (through
+    /// ConfigMaps), push every image through the API server, print the references to use.
+    Deploy(deploy::DeployArgs),
+    /// Remove what `bundle deploy` created in a namespace (the registry data only with --purge).
+    Remove(deploy::RemoveArgs),
     /// Extract an archive as an OCI image layout.
     Extract {
         /// The archive (or any one of its parts).
@@ -152,6 +167,8 @@ fn run(cli: Cli) -> Result<()> {
             platforms,
             locked,
             cache,
+            agent,
+            no_agent,
             registry,
         } => create(
             &bundle_yaml,
@@ -162,6 +179,10 @@ fn run(cli: Cli) -> Result<()> {
                 locked,
                 cache,
                 registry,
+            },
+            &AgentChoice {
+                dir: agent,
+                omit: no_agent,
             },
         ),
         Command::Serve {
@@ -183,6 +204,8 @@ fn run(cli: Cli) -> Result<()> {
             part,
         } => verify(&archive, deep, part),
         Command::Inspect { archive, json } => inspect(&archive, json),
+        Command::Deploy(args) => deploy::deploy(args),
+        Command::Remove(args) => deploy::remove(args),
         Command::Extract { archive, dir } => {
             let a = Archive::open(&archive)?;
             a.extract(&dir)?;
@@ -204,14 +227,103 @@ struct Pulling {
     registry: registry::RegistryArgs,
 }
 
+/// Which agent `create` puts into the archive.
+struct AgentChoice {
+    /// `--agent DIR`.
+    dir: Option<PathBuf>,
+    /// `--no-agent`.
+    omit: bool,
+}
+
+/// The environment variable naming the agent directory when `--agent` is not given.
+const AGENT_DIR_ENV: &str = "BUNDLE_AGENT_DIR";
+/// The environment variable that, set to anything but empty or `0`, means `--no-agent`
+/// (unless `--agent` is given).
+const NO_AGENT_ENV: &str = "BUNDLE_NO_AGENT";
+
+/// The directory to take the agent from, `None` for no agent. An explicit choice
+/// (`--agent`, `$BUNDLE_AGENT_DIR`) is the only place looked in; otherwise the directories
+/// beside the running executable are tried in order.
+fn agent_dir(choice: &AgentChoice) -> Result<Option<PathBuf>> {
+    use bundle_layout::agent::{AGENT_FILE, STAGE0_FILE};
+    if choice.omit {
+        return Ok(None);
+    }
+    let candidates = if let Some(dir) = &choice.dir {
+        vec![dir.clone()]
+    } else if std::env::var_os(NO_AGENT_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        return Ok(None);
+    } else if let Some(dir) = std::env::var_os(AGENT_DIR_ENV).filter(|v| !v.is_empty()) {
+        vec![PathBuf::from(dir)]
+    } else {
+        let exe = std::env::current_exe().context("locating the running bundle executable")?;
+        let exe_dir = exe.parent().unwrap_or(Path::new("/"));
+        let mut dirs: Vec<PathBuf> = exe_dir
+            .parent()
+            .map(|p| p.join("agent"))
+            .into_iter()
+            .collect();
+        dirs.push(exe_dir.join("agent"));
+        dirs
+    };
+    if let Some(found) = candidates
+        .iter()
+        .find(|d| d.join(AGENT_FILE).is_file() && d.join(STAGE0_FILE).is_file())
+    {
+        return Ok(Some(found.clone()));
+    }
+    let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
+    bail!(
+        "the static agent was not found (looked in {}); build it with `cargo xtask static`, \
+         pass --agent DIR, or --no-agent for an archive that will only be pushed with --registry",
+        looked.join(", ")
+    )
+}
+
+/// The agent image built from `dir`'s `bundle-agent` and `stage0`.
+fn agent_image(dir: &Path) -> Result<bundle_layout::Resolved> {
+    use bundle_layout::agent::{AGENT_FILE, STAGE0_FILE, build_agent_image};
+    let read = |name: &str| -> Result<(PathBuf, Vec<u8>)> {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok((path, bytes))
+    };
+    let (agent_path, agent) = read(AGENT_FILE)?;
+    let (stage0_path, stage0) = read(STAGE0_FILE)?;
+    Ok(build_agent_image(
+        &agent,
+        &agent_path,
+        &stage0,
+        &stage0_path,
+        env!("CARGO_PKG_VERSION"),
+    )?)
+}
+
 fn create(
     yaml: &Path,
     out: &Path,
     opts: &WriteOptions,
     platforms: &[Platform],
     pulling: &Pulling,
+    agent: &AgentChoice,
 ) -> Result<()> {
     let loaded = config::load(yaml)?;
+    for (i, img) in loaded.config.images.iter().enumerate() {
+        if bundle_layout::agent::is_agent_image(&img.name) {
+            bail!(
+                "{}: images[{i}].name {:?}: {} is reserved for the agent image that create adds \
+                 itself",
+                yaml.display(),
+                img.name,
+                bundle_layout::agent::AGENT_IMAGE_REPOSITORY
+            );
+        }
+    }
+    // Before any pull: a missing agent should not cost a download first.
+    let agent = match agent_dir(agent)? {
+        Some(dir) => Some((agent_image(&dir)?, dir)),
+        None => None,
+    };
     let mut input = BundleInput {
         name: loaded.config.name.clone(),
         version: loaded.config.version.clone(),
@@ -294,6 +406,16 @@ fn create(
         }
         input.images.push(resolved.image);
         input.blobs.extend(resolved.blobs);
+    }
+    if let Some((image, dir)) = agent {
+        eprintln!(
+            "agent: {} ({}, from {})",
+            image.image.name,
+            image.image.digest,
+            dir.display()
+        );
+        input.images.push(image.image);
+        input.blobs.extend(image.blobs);
     }
     let summary = bundle_format::write(&input, out, opts)
         .with_context(|| format!("creating {}", out.display()))?;

@@ -250,6 +250,36 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A file given as the agent or stage0 is not a static x86_64 ELF executable.
+    #[error("{}: not a static x86_64 ELF executable: {reason}", path.display())]
+    NotStaticExecutable {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The version an agent image would be tagged with is not a valid tag.
+    #[error(
+        "agent image version {version:?} is not a valid tag ([A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})"
+    )]
+    InvalidAgentVersion {
+        /// The version given.
+        version: String,
+    },
+    /// The agent image's layer holds something other than the agent and stage0.
+    #[error("agent image layer: entry {entry:?}: {reason}")]
+    AgentLayer {
+        /// The entry's name.
+        entry: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The agent image's layer is not a readable tar.
+    #[error("agent image layer: {cause}")]
+    AgentLayerTar {
+        /// The tar reader's error.
+        cause: io::Error,
+    },
     /// An error from the format crate (boxed: it is large).
     #[error(transparent)]
     Format(Box<bundle_format::Error>),

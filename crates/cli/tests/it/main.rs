@@ -1,6 +1,7 @@
 //! Integration tests of the `bundle` binary with real peers (zstd, tar, skopeo, umoci).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent_image;
 mod bad_input;
 mod escape_hatch;
 mod golden;

@@ -27,7 +27,9 @@ fn check(name: &str, args: &[&str]) {
 #[test]
 fn help_texts() {
     check("help.txt", &["--help"]);
-    for sub in ["create", "verify", "inspect", "extract", "push"] {
+    for sub in [
+        "create", "verify", "inspect", "extract", "push", "deploy", "remove",
+    ] {
         check(&format!("help-{sub}.txt"), &[sub, "--help"]);
     }
 }

@@ -3,9 +3,38 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The `bundle` binary under test.
+/// The `bundle` binary under test, creating archives without the agent image
+/// (`BUNDLE_NO_AGENT=1`, which is `--no-agent`): the archives, digests and counts the tests
+/// pin are those of the images they name, whether or not `cargo xtask static` left an agent
+/// in target/agent (where this binary would find it). The agent's tests use
+/// [`bundle_with_agent`].
 pub fn bundle() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bundle"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bundle"));
+    c.env("BUNDLE_NO_AGENT", "1").env_remove("BUNDLE_AGENT_DIR");
+    c
+}
+
+/// The `bundle` binary under test with its default agent lookup: no `BUNDLE_NO_AGENT`, no
+/// `BUNDLE_AGENT_DIR` from the caller's environment.
+pub fn bundle_with_agent() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bundle"));
+    c.env_remove("BUNDLE_NO_AGENT")
+        .env_remove("BUNDLE_AGENT_DIR");
+    c
+}
+
+/// `<workspace>/target/agent`, where `cargo xtask static` (run by `cargo xtask ci` before the
+/// tests) leaves `bundle-agent` and `stage0`; a clear failure when it has not run.
+pub fn agent_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/agent");
+    for file in ["bundle-agent", "stage0"] {
+        assert!(
+            dir.join(file).is_file(),
+            "{} is missing: run cargo xtask static first",
+            dir.join(file).display()
+        );
+    }
+    dir
 }
 
 /// Runs a command, returns its output.
