@@ -109,7 +109,8 @@ where
     }
 }
 
-/// Names of objects matching a label selector (metadata only: seeding ConfigMaps are large).
+/// Names of objects matching a label selector that are not being deleted (metadata only:
+/// seeding ConfigMaps are large).
 pub async fn names<K>(api: &Api<K>, ns: Option<&str>, selector: &str) -> Result<Vec<String>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
@@ -119,9 +120,11 @@ where
         .list_metadata(&lp)
         .await
         .map_err(|e| Error::api(format!("list {} ({selector})", what::<K>(ns, "")), e))?;
+    // Objects already being deleted are as good as gone.
     Ok(list
         .items
         .into_iter()
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
         .filter_map(|o| o.metadata.name)
         .collect())
 }
@@ -572,19 +575,51 @@ pub async fn wait_pod(client: &Client, ns: &str, name: &str, timeout: Duration) 
 
 /// Waits until the Deployment's rollout is complete (what `kubectl rollout status` checks);
 /// on timeout, describes its pods.
-pub async fn wait_rollout(client: &Client, ns: &str, name: &str, timeout: Duration) -> Result<()> {
+///
+/// With `retry_refused_pulls`, a pod whose image pull was refused (the node reached no
+/// listener: kube-proxy had not yet programmed a new NodePort) is deleted so that its
+/// ReplicaSet makes a fresh one at once, instead of waiting out the kubelet's pull back-off
+/// (10 s, doubling); at most every 2 s, up to 20 times.
+pub async fn wait_rollout(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    retry_refused_pulls: bool,
+) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/name={name}"));
     let start = Instant::now();
+    let mut retries = 0;
+    let mut last_retry = Instant::now();
     while start.elapsed() < timeout {
         if let Some(d) = get(&api, Some(ns), name).await?
             && rollout_done(&d)
         {
             return Ok(());
         }
+        if retry_refused_pulls && retries < 20 && last_retry.elapsed() >= Duration::from_secs(2) {
+            let list = pods
+                .list(&lp)
+                .await
+                .map_err(|e| Error::api(format!("list pods of deployment {ns}/{name}"), e))?;
+            for p in &list.items {
+                let (ready, state) = pod_state(p);
+                if !ready
+                    && p.metadata.deletion_timestamp.is_none()
+                    && (state.contains("ErrImagePull") || state.contains("ImagePullBackOff"))
+                    && state.contains("connection refused")
+                {
+                    let pname = p.metadata.name.clone().unwrap_or_default();
+                    delete(&pods, Some(ns), &pname).await?;
+                    retries += 1;
+                    last_retry = Instant::now();
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("app.kubernetes.io/name={name}"));
     let list = pods
         .list(&lp)
         .await

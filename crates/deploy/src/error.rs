@@ -58,14 +58,6 @@ pub enum Error {
         /// Why each node was passed over.
         reasons: Vec<String>,
     },
-    /// No image is present on the chosen node to start the injector from.
-    #[error(
-        "node {node} lists no container image in status.images to start the injector from\n  hint: run any pod on that node first, so that its runtime holds an image, or deploy with --registry URL"
-    )]
-    NoImage {
-        /// The node.
-        node: String,
-    },
     /// A pod did not become ready.
     #[error("{what} did not become ready within {seconds} s: {state}{}{hint}",
         if .events.is_empty() { String::new() } else { format!("\n  events:\n{}", .events.iter().map(|e| format!("    {e}")).collect::<Vec<_>>().join("\n")) })]

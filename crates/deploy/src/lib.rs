@@ -319,13 +319,13 @@ pub async fn deploy_with(
             let (nodes, pods) = cluster::nodes_and_pods(client).await?;
             match cluster::place(&nodes, &pods, 32 << 20) {
                 Ok(p) => plan.push(format!(
-                    "injector on node {} from image {} ({} bytes), stage0 -> agent sha256:{}",
+                    "run the injector on node {} from image {} ({} bytes), stage0 -> agent sha256:{}",
                     p.node, p.image, p.image_bytes, s.agent_sha256
                 )),
-                Err(e) => plan.push(format!("injector: {e}")),
+                Err(e) => plan.push(format!("fail to place the injector: {e}")),
             }
             plan.push(format!(
-                "registry: deployment {ns}/{REGISTRY}, NodePort {}, storage {}",
+                "create the registry: deployment {ns}/{REGISTRY}, NodePort {}, storage {}",
                 opts.node_port,
                 match &storage {
                     Some(Storage::Pvc(size)) => format!("PVC {size}"),
@@ -386,24 +386,21 @@ pub async fn deploy_with(
         ));
     }
 
-    // Push through the API server into a ready registry pod.
-    let t = Instant::now();
-    let pod = cluster::ready_pod(client, ns, REGISTRY)
-        .await?
-        .ok_or_else(|| Error::NotReady {
-            what: format!("deployment {ns}/{REGISTRY}"),
-            seconds: 0,
-            state: "no ready pod".into(),
-            events: Vec::new(),
-            hint: String::new(),
-        })?;
-    let transport = tunnels(&pod)?;
-    let push = push_via(transport, &target, Arc::clone(&archive), opts).await?;
-    stats.push = t.elapsed();
-
-    // Run the registry from its own copy of the agent image, then clear the injector away.
+    // Run the registry from its own copy of the agent image before the bulk push: the
+    // switch replaces the pod, and an emptyDir goes with the old one. The agent image goes
+    // first into the registry as the injector left it; the new pod pulls it from there
+    // (RollingUpdate keeps the old pod serving until the new one is ready).
     let t = Instant::now();
     if let Some(s) = &seed {
+        let pod = ready_registry_pod(client, ns).await?;
+        push_via(
+            tunnels(&pod)?,
+            &target,
+            Arc::clone(&archive),
+            opts,
+            vec![s.agent_name.clone()],
+        )
+        .await?;
         let image = agent_ref(&target, &s.agent_name, &s.agent_digest)?;
         let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "registry", "image": image}]}}}});
         deployments
@@ -415,11 +412,27 @@ pub async fn deploy_with(
                     e,
                 )
             })?;
-        cluster::wait_rollout(client, ns, REGISTRY, opts.timeout).await?;
+        cluster::wait_rollout(client, ns, REGISTRY, opts.timeout, true).await?;
         progress(&format!("registry now runs {image}"));
     }
-    clean_injector(client, ns, progress).await?;
     stats.finish = t.elapsed();
+
+    // Push everything through the API server into the (new) registry pod.
+    let t = Instant::now();
+    let pod = ready_registry_pod(client, ns).await?;
+    let push = push_via(
+        tunnels(&pod)?,
+        &target,
+        Arc::clone(&archive),
+        opts,
+        Vec::new(),
+    )
+    .await?;
+    stats.push = t.elapsed();
+
+    let t = Instant::now();
+    clean_injector(client, ns, progress).await?;
+    stats.finish += t.elapsed();
     stats.total = total.elapsed();
     Ok(Report {
         registry: target.registry.clone(),
@@ -428,6 +441,18 @@ pub async fn deploy_with(
         push,
         stats,
     })
+}
+
+async fn ready_registry_pod(client: &Client, ns: &str) -> Result<String> {
+    cluster::ready_pod(client, ns, REGISTRY)
+        .await?
+        .ok_or_else(|| Error::NotReady {
+            what: format!("deployment {ns}/{REGISTRY}"),
+            seconds: 0,
+            state: "no ready pod".into(),
+            events: Vec::new(),
+            hint: String::new(),
+        })
 }
 
 async fn registry_state(
@@ -450,12 +475,14 @@ async fn registry_state(
     })
 }
 
-/// Pushes every image of the archive through `transport` to the registry `target` names.
+/// Pushes the images of the archive (all, or those named) through `transport` to the
+/// registry `target` names.
 pub async fn push_via(
     transport: Arc<dyn Transport>,
     target: &Target,
     archive: Arc<Archive>,
     opts: &Options,
+    images: Vec<String>,
 ) -> Result<PushReport> {
     let mut tls = TlsOptions::default();
     tls.insecure.insert(target.registry.clone());
@@ -466,7 +493,7 @@ pub async fn push_via(
         archive,
         &PushOptions {
             target: target.clone(),
-            images: Vec::new(),
+            images,
             jobs: opts.jobs,
             chunk_size: opts.chunk_size,
         },
@@ -522,8 +549,14 @@ async fn seed_registry(
             place.node
         }
     };
-    // 2. ConfigMaps, in parallel, skipping those an earlier run made; then the injector pod
-    //    and its NodePort service.
+    // The services first: kube-proxy needs a moment to program a new NodePort, which it
+    // gets while the ConfigMaps go up and the injector starts.
+    let inj_svc = objects::node_port_service(INJECTOR, "injector", 0, archive_id)?;
+    cluster::create(&services, Some(ns), &inj_svc).await?;
+    let reg_svc = objects::node_port_service(REGISTRY, "registry", opts.node_port, archive_id)?;
+    cluster::create(&services, Some(ns), &reg_svc).await?;
+
+    // 2. ConfigMaps, in parallel, skipping those an earlier run made; then the injector pod.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let existing: std::collections::BTreeSet<String> =
         cluster::names(&cms, Some(ns), objects::SEED_SELECTOR)
@@ -564,8 +597,6 @@ async fn seed_registry(
     if let Some(pod) = create_pod {
         cluster::create(&pods, Some(ns), &pod).await?;
     }
-    let inj_svc = objects::node_port_service(INJECTOR, "injector", 0, archive_id)?;
-    cluster::create(&services, Some(ns), &inj_svc).await?;
     cluster::wait_pod(client, ns, &pod_name, opts.timeout).await?;
     progress(&format!("injector {pod_name} ready"));
     let svc = cluster::get(&services, Some(ns), INJECTOR)
@@ -579,8 +610,6 @@ async fn seed_registry(
 
     // 3. The registry: its service, volume and Deployment, the node pulling the agent image
     //    from the injector at 127.0.0.1:<injector nodePort>.
-    let reg_svc = objects::node_port_service(REGISTRY, "registry", opts.node_port, archive_id)?;
-    cluster::create(&services, Some(ns), &reg_svc).await?;
     if let Storage::Pvc(size) = storage {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
         cluster::create(&pvcs, Some(ns), &objects::registry_pvc(size, archive_id)?).await?;
@@ -611,7 +640,7 @@ async fn seed_registry(
             })?;
     }
     let _ = target;
-    cluster::wait_rollout(client, ns, REGISTRY, opts.timeout).await?;
+    cluster::wait_rollout(client, ns, REGISTRY, opts.timeout, true).await?;
     Ok(())
 }
 
