@@ -302,6 +302,9 @@ pub fn ci(root: &Path) -> Result<()> {
     )?;
     crate::statics::build(root)?;
     run(root, "cargo", &["test", "--workspace"], &[])?;
+    // The cluster test: runs when BUNDLE_E2E_KUBECONFIG names a cluster, says it was skipped
+    // otherwise.
+    crate::e2e::run(&[])?;
     eprintln!("ci: all checks passed");
     Ok(())
 }

@@ -94,7 +94,10 @@ fn output(cmd: &mut Command) -> Result<String> {
 
 fn json(cmd: &mut Command) -> Result<Value> {
     let text = output(cmd)?;
-    serde_json::from_str(&text).with_context(|| format!("parsing the JSON of deploy: {text}"))
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the JSON of deploy: {text}"))?;
+    println!("  => seeded {} stats {}", v["seeded"], v["stats"]);
+    Ok(v)
 }
 
 fn f64_at(v: &Value, key: &str) -> f64 {
@@ -140,6 +143,20 @@ fn labelled(env: &Env, ns: &str, role: Option<&str>) -> Result<Vec<String>> {
         Some(r) => format!("app.kubernetes.io/managed-by=bundle,bundle/role={r}"),
         None => "app.kubernetes.io/managed-by=bundle".to_owned(),
     };
+    // Deleted pods take their grace period to go; wait for that before looking.
+    let _ = env
+        .kubectl(ns)
+        .args([
+            "wait",
+            "--for=delete",
+            "pods",
+            "-l",
+            &selector,
+            "--timeout=60s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     let text = output(
         env.kubectl(ns)
             .args([

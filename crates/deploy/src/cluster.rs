@@ -89,6 +89,20 @@ where
     }
 }
 
+/// Creates an object unless one of its name exists. Services need the look first: the API
+/// server answers a second create of a Service with a fixed nodePort with 422 "port already
+/// allocated", not 409.
+pub async fn ensure<K>(api: &Api<K>, ns: Option<&str>, obj: &K) -> Result<Created>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    if get(api, ns, &name).await?.is_some() {
+        return Ok(Created::Existed);
+    }
+    create(api, ns, obj).await
+}
+
 /// Deletes an object; a missing one is fine.
 pub async fn delete<K>(api: &Api<K>, ns: Option<&str>, name: &str) -> Result<bool>
 where
@@ -280,9 +294,18 @@ pub async fn missing(client: &Client, namespace: &str, needs: &[Need]) -> Result
 }
 
 /// Makes sure the namespace exists and is not being deleted.
-pub async fn ensure_namespace(client: &Client, name: &str) -> Result<bool> {
+///
+/// `exists` says the caller already found objects in it: then a user who may not read
+/// namespaces (a re-deploy needs only the push permissions) goes on without the check.
+pub async fn ensure_namespace(client: &Client, name: &str, exists: bool) -> Result<bool> {
     let api: Api<Namespace> = Api::all(client.clone());
-    match get(&api, None, name).await? {
+    let found = match get(&api, None, name).await {
+        Err(Error::Api { cause, .. }) if exists && status_of(&cause) == Some(403) => {
+            return Ok(false);
+        }
+        other => other?,
+    };
+    match found {
         Some(ns) => {
             if ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating") {
                 return Err(Error::NamespaceTerminating(name.to_owned()));

@@ -348,11 +348,23 @@ pub async fn deploy_with(
         progress(line);
     }
 
-    let created_ns = cluster::ensure_namespace(client, ns).await?;
+    let created_ns = cluster::ensure_namespace(client, ns, state != RegistryState::Absent).await?;
     if created_ns {
         progress(&format!("created namespace {ns}"));
     }
     let archive_id = archive.id().hex();
+    // A run interrupted while the registry switched to its own image (or whose switch
+    // failed) waits for that rollout before pushing into it, and keeps the injector until
+    // it is done: the new pod may still need to pull from the old one.
+    if state == RegistryState::SelfHosted
+        && !cluster::get(&deployments, Some(ns), REGISTRY)
+            .await?
+            .is_some_and(|d| cluster::rollout_done(&d))
+    {
+        progress("the registry is still switching to its own image; waiting for that rollout");
+        cluster::wait_rollout(client, ns, REGISTRY, opts.timeout, true).await?;
+    }
+
     // A run interrupted after the registry came up (still on the injector's image) goes
     // straight to the push.
     let registry_up = state == RegistryState::Seeding
@@ -516,7 +528,8 @@ async fn seed_registry(
 ) -> Result<()> {
     let ns = opts.namespace.as_str();
     // 1. Where the injector runs: its pod from an earlier run, else a node that holds an
-    //    image (checked before anything is created, so a cluster without one stays clean).
+    //    image (checked before any ConfigMap or pod is made; a failure leaves at most the
+    //    namespace, which the next run reuses).
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let pod_name = objects::injector_pod_name(&seed.agent_digest);
@@ -552,9 +565,9 @@ async fn seed_registry(
     // The services first: kube-proxy needs a moment to program a new NodePort, which it
     // gets while the ConfigMaps go up and the injector starts.
     let inj_svc = objects::node_port_service(INJECTOR, "injector", 0, archive_id)?;
-    cluster::create(&services, Some(ns), &inj_svc).await?;
+    cluster::ensure(&services, Some(ns), &inj_svc).await?;
     let reg_svc = objects::node_port_service(REGISTRY, "registry", opts.node_port, archive_id)?;
-    cluster::create(&services, Some(ns), &reg_svc).await?;
+    cluster::ensure(&services, Some(ns), &reg_svc).await?;
 
     // 2. ConfigMaps, in parallel, skipping those an earlier run made; then the injector pod.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
@@ -595,7 +608,7 @@ async fn seed_registry(
     ));
 
     if let Some(pod) = create_pod {
-        cluster::create(&pods, Some(ns), &pod).await?;
+        cluster::ensure(&pods, Some(ns), &pod).await?;
     }
     cluster::wait_pod(client, ns, &pod_name, opts.timeout).await?;
     progress(&format!("injector {pod_name} ready"));
@@ -612,7 +625,7 @@ async fn seed_registry(
     //    from the injector at 127.0.0.1:<injector nodePort>.
     if let Storage::Pvc(size) = storage {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
-        cluster::create(&pvcs, Some(ns), &objects::registry_pvc(size, archive_id)?).await?;
+        cluster::ensure(&pvcs, Some(ns), &objects::registry_pvc(size, archive_id)?).await?;
     }
     let injector_target = Target {
         registry: format!("127.0.0.1:{inj_port}"),
@@ -626,7 +639,7 @@ async fn seed_registry(
     };
     let deployment = objects::registry_deployment(&image, storage, pin, archive_id)?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    if cluster::create(&deployments, Some(ns), &deployment).await? == cluster::Created::Existed {
+    if cluster::ensure(&deployments, Some(ns), &deployment).await? == cluster::Created::Existed {
         // An interrupted run left it pointing at an injector port that may have changed.
         let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "registry", "image": image}]}}}});
         deployments

@@ -649,4 +649,33 @@ mod tests {
             assert!(read_agent_layer(&good[..cut]).is_err(), "cut at {cut}");
         }
     }
+
+    proptest::proptest! {
+        /// `bundle deploy` reads this layer out of an archive from elsewhere: any change to
+        /// its bytes gives either the same two files or a clean error, never a panic.
+        #[test]
+        fn read_agent_layer_survives_mutation(
+            edits in proptest::collection::vec((0usize..1 << 16, proptest::num::u8::ANY), 1..8),
+            cut in proptest::option::of(0usize..1 << 16),
+        ) {
+            let a = build(&fake_agent(), &fake_stage0()).unwrap();
+            let mut layer = blob(&a, LAYER_TAR).to_vec();
+            for (at, byte) in edits {
+                let at = at % layer.len();
+                layer[at] = byte;
+            }
+            if let Some(c) = cut {
+                layer.truncate(c % (layer.len() + 1));
+            }
+            if let Ok(files) = read_agent_layer(&layer) {
+                proptest::prop_assert!(files.agent.len() + files.stage0.len() <= layer.len());
+            }
+        }
+
+        /// Arbitrary bytes are refused cleanly.
+        #[test]
+        fn read_agent_layer_refuses_noise(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4096)) {
+            let _ = read_agent_layer(&bytes);
+        }
+    }
 }

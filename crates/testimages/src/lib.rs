@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod bench;
+mod e2e;
 mod marker;
 mod oci;
 mod small;
@@ -9,6 +10,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use bench::{BenchImage, BenchSet, MIN_BENCH_BYTES, bench_set, noise};
+pub use e2e::{
+    E2E_DATA, E2E_DEFAULT_DATA_BYTES, E2E_HELLO_1, E2E_HELLO_2, E2eImage, E2eSet, e2e_set,
+};
 pub use oci::{
     Descriptor, MEDIA_CONFIG, MEDIA_INDEX, MEDIA_LAYER_GZIP, MEDIA_LAYER_TAR, MEDIA_MANIFEST,
     REF_NAME_ANNOTATION,

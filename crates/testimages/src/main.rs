@@ -1,19 +1,25 @@
-//! `bundle-testimages`: writes the small or the bench set of test images into a directory,
-//! or reuses the one already there when its marker records the same parameters.
+//! `bundle-testimages`: writes the small, the bench or the e2e set of test images into a
+//! directory, or reuses the one already there when its marker records the same parameters.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use bundle_testimages::{MARKER, bench_set, small_set};
+use bundle_testimages::{E2E_DEFAULT_DATA_BYTES, MARKER, bench_set, e2e_set, small_set};
 
 const USAGE: &str = "\
 usage: bundle-testimages small DIR
        bundle-testimages bench DIR [--bytes N]
+       bundle-testimages e2e DIR --program FILE [--data-bytes N]
 
   small   a few tiny images: an OCI layout, an oci-archive, a docker-archive, bundle.yaml
   bench   realistic images of about N bytes of layers (default 1G): an OCI layout,
           bundle.yaml and bundle-plain.yaml
+  e2e     the images of `cargo xtask e2e`, all running FILE (a static linux/amd64 program,
+          e2e-hello) as /hello: example.com/e2e/hello:1.0, example.com/e2e/hello:2.0 and
+          example.com/e2e/data:1.0 (with N incompressible bytes, default 64MiB) in an OCI
+          layout, bundle-v1.yaml, bundle-v2.yaml, bundle-hello.yaml, and e2e.json (the
+          manifest digests)
 
 N takes the suffixes K, M, G (powers of 1000) and KiB, MiB, GiB (powers of 1024).
 A directory holding a complete set with the same parameters (see DIR/testimages.json) is
@@ -43,7 +49,29 @@ fn parse_size(s: &str) -> Option<u64> {
 enum Cli {
     Small(String),
     Bench(String, u64),
+    E2e {
+        dir: String,
+        program: String,
+        data_bytes: u64,
+    },
     Help,
+}
+
+/// The value of `--name V` or `--name=V` when `a` is that option, read from `it` if needed.
+fn option_value<'a>(
+    a: &'a str,
+    name: &str,
+    it: &mut impl Iterator<Item = &'a str>,
+) -> Result<Option<&'a str>, String> {
+    match a.strip_prefix(name) {
+        Some("") => it.next().map(Some).ok_or(format!("{name} needs a value")),
+        Some(v) => Ok(v.strip_prefix('=')),
+        None => Ok(None),
+    }
+}
+
+fn size_of(name: &str, v: &str) -> Result<u64, String> {
+    parse_size(v).ok_or_else(|| format!("{name}: cannot read {v:?} as a size"))
 }
 
 fn parse(args: &[String]) -> Result<Cli, String> {
@@ -57,17 +85,33 @@ fn parse(args: &[String]) -> Result<Cli, String> {
         (Some("bench"), Some(dir)) => {
             let mut bytes = DEFAULT_BENCH_BYTES;
             while let Some(a) = it.next() {
-                let v = match a.strip_prefix("--bytes=") {
-                    Some(v) => v,
-                    None if a == "--bytes" => it.next().ok_or("--bytes needs a value")?,
+                match option_value(a, "--bytes", &mut it)? {
+                    Some(v) => bytes = size_of("--bytes", v)?,
                     None => return Err(format!("unexpected argument {a:?}")),
-                };
-                bytes =
-                    parse_size(v).ok_or_else(|| format!("--bytes: cannot read {v:?} as a size"))?;
+                }
             }
             Ok(Cli::Bench(dir.to_owned(), bytes))
         }
-        (Some(cmd @ ("small" | "bench")), None) => Err(format!("{cmd} needs a directory")),
+        (Some("e2e"), Some(dir)) => {
+            let mut program = None;
+            let mut data_bytes = E2E_DEFAULT_DATA_BYTES;
+            while let Some(a) = it.next() {
+                if let Some(v) = option_value(a, "--program", &mut it)? {
+                    program = Some(v.to_owned());
+                } else if let Some(v) = option_value(a, "--data-bytes", &mut it)? {
+                    data_bytes = size_of("--data-bytes", v)?;
+                } else {
+                    return Err(format!("unexpected argument {a:?}"));
+                }
+            }
+            let program = program.ok_or("e2e needs --program FILE")?;
+            Ok(Cli::E2e {
+                dir: dir.to_owned(),
+                program,
+                data_bytes,
+            })
+        }
+        (Some(cmd @ ("small" | "bench" | "e2e")), None) => Err(format!("{cmd} needs a directory")),
         (Some(other), _) => Err(format!("unknown command {other:?}")),
         (None, _) => Err("no command given".into()),
     }
@@ -133,6 +177,22 @@ fn main() -> ExitCode {
                 );
             }
         }),
+        Cli::E2e {
+            dir,
+            program,
+            data_bytes,
+        } => e2e_set(Path::new(&dir), Path::new(&program), data_bytes).map(|set| {
+            let verb = if set.reused { "reused" } else { "wrote" };
+            println!(
+                "{verb} e2e set in {}: program {}, {} bytes of data",
+                set.dir.display(),
+                set.program_sha256,
+                set.data_bytes
+            );
+            for i in &set.images {
+                println!("  {:<28} {}", i.name, i.manifest.digest);
+            }
+        }),
     };
     match result {
         Ok(()) => {
@@ -169,5 +229,49 @@ mod tests {
         for (input, want) in table {
             assert_eq!(parse_size(input), want, "{input:?}");
         }
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn e2e_arguments() {
+        let Ok(Cli::E2e {
+            dir,
+            program,
+            data_bytes,
+        }) = parse(&args(&[
+            "e2e",
+            "out",
+            "--program",
+            "p",
+            "--data-bytes",
+            "2MiB",
+        ]))
+        else {
+            panic!("e2e with both options")
+        };
+        assert_eq!(
+            (dir.as_str(), program.as_str(), data_bytes),
+            ("out", "p", 2 << 20)
+        );
+        let Ok(Cli::E2e { data_bytes, .. }) = parse(&args(&["e2e", "out", "--program=p"])) else {
+            panic!("e2e with --program=")
+        };
+        assert_eq!(data_bytes, E2E_DEFAULT_DATA_BYTES);
+        for bad in [
+            &["e2e", "out"][..],
+            &["e2e"],
+            &["e2e", "out", "--program"],
+            &["e2e", "out", "--program", "p", "--data-bytes", "lots"],
+            &["e2e", "out", "--program", "p", "--programme", "q"],
+        ] {
+            assert!(parse(&args(bad)).is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            parse(&args(&["bench", "out", "--bytes=3M"])),
+            Ok(Cli::Bench(_, 3_000_000))
+        ));
     }
 }
