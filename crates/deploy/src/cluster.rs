@@ -678,6 +678,45 @@ pub fn rollout_done(d: &Deployment) -> bool {
         && st.available_replicas.unwrap_or(0) == want
 }
 
+/// Waits until the Deployment `name` has no pod left that is being deleted: a replaced
+/// registry pod still answers on the NodePort while it shuts down, and a push or pull that
+/// lands there would hang or find nothing.
+pub async fn wait_old_pods_gone(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/name={name}"));
+    let start = Instant::now();
+    loop {
+        let list = api
+            .list(&lp)
+            .await
+            .map_err(|e| Error::api(format!("list pods of deployment {ns}/{name}"), e))?;
+        let dying: Vec<String> = list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        if dying.is_empty() {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::NotReady {
+                what: format!("deployment {ns}/{name}"),
+                seconds: start.elapsed().as_secs(),
+                state: format!("old pods still terminating: {}", dying.join(", ")),
+                events: Vec::new(),
+                hint: String::new(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// A ready pod of the Deployment `name`.
 pub async fn ready_pod(client: &Client, ns: &str, name: &str) -> Result<Option<String>> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);

@@ -90,6 +90,16 @@ pub enum Error {
     /// The agent image in the archive is malformed.
     #[error(transparent)]
     Layout(#[from] bundle_layout::Error),
+    /// The registry's volume is full.
+    #[error(
+        "the registry in namespace {namespace} ran out of space: {cause}\n  hint: its volume is full. Grow the PVC bundle-registry (if its StorageClass allows expansion), or deploy into a new namespace with --storage pvc:SIZE; deploy resumes where it stopped"
+    )]
+    RegistryFull {
+        /// The namespace of the registry.
+        namespace: String,
+        /// The registry's answer.
+        cause: Box<bundle_oci::Error>,
+    },
     /// A tunnel to a pod could not be opened.
     #[error("tunnel to pod {namespace}/{pod} port {port}: {cause}")]
     Tunnel {

@@ -30,6 +30,29 @@ pub use objects::Storage;
 use objects::{INJECTOR, REGISTRY};
 pub use seed::Seed;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_registry_volume_is_named_with_what_to_do() {
+        let e = registry_error(
+            "ns",
+            bundle_oci::Error::Invalid(
+                "PUT /v2/x/blobs/uploads/1: 500 INTERNAL_ERROR: /var/lib/bundle-registry/uploads/1/data: write: No space left on device (os error 28)".into(),
+            ),
+        );
+        let text = e.to_string();
+        assert!(matches!(e, Error::RegistryFull { .. }), "{text}");
+        assert!(text.contains("Grow the PVC bundle-registry"), "{text}");
+        let other = registry_error(
+            "ns",
+            bundle_oci::Error::Invalid("500 INTERNAL_ERROR: boom".into()),
+        );
+        assert!(matches!(other, Error::Oci(_)));
+    }
+}
+
 /// How to deploy.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -223,7 +246,7 @@ pub async fn deploy(
     let tunnels = |pod: &str| -> Result<Arc<dyn Transport>> {
         Ok(match opts.via {
             Via::PortForward => Arc::new(tunnel::PortForward::new(
-                Api::namespaced(client.clone(), &opts.namespace),
+                client.clone(),
                 &opts.namespace,
                 pod,
                 objects::AGENT_PORT,
@@ -425,6 +448,7 @@ pub async fn deploy_with(
                 )
             })?;
         cluster::wait_rollout(client, ns, REGISTRY, opts.timeout, true).await?;
+        cluster::wait_old_pods_gone(client, ns, REGISTRY, opts.timeout).await?;
         progress(&format!("registry now runs {image}"));
     }
     stats.finish = t.elapsed();
@@ -510,8 +534,22 @@ pub async fn push_via(
             chunk_size: opts.chunk_size,
         },
     )
-    .await?;
+    .await
+    .map_err(|e| registry_error(&opts.namespace, e))?;
     Ok(report)
+}
+
+/// A push error, with the full-volume case named (the agent answers 500 with the errno text).
+fn registry_error(namespace: &str, e: bundle_oci::Error) -> Error {
+    let text = e.to_string();
+    if text.contains("No space left on device") || text.contains("os error 28") {
+        Error::RegistryFull {
+            namespace: namespace.to_owned(),
+            cause: Box::new(e),
+        }
+    } else {
+        Error::Oci(e)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -13,7 +13,6 @@ use http_body_util::BodyExt as _;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
 use tokio::sync::Semaphore;
 
 /// The path and query of `uri`, or `/`.
@@ -23,11 +22,20 @@ fn path_and_query(uri: &Uri) -> String {
 }
 
 /// Idle connections, shared by the transport and the bodies that give theirs back.
-type Idle = Arc<Mutex<Vec<SendRequest<ReqBody>>>>;
+type Idle = Arc<Mutex<Vec<Tunnel>>>;
+
+/// What the pod side said on the error channel of a port-forward, if anything.
+type Failure = Arc<Mutex<Option<String>>>;
+
+/// One HTTP/1.1 connection through one port-forward.
+struct Tunnel {
+    sender: SendRequest<ReqBody>,
+    failure: Failure,
+}
 
 /// Port-forwarded HTTP/1.1 connections to one pod port, at most `max` at a time.
 pub struct PortForward {
-    pods: Api<Pod>,
+    client: kube::Client,
     pod: String,
     namespace: String,
     port: u16,
@@ -36,10 +44,16 @@ pub struct PortForward {
 }
 
 impl PortForward {
-    /// Tunnels to `pod` (in the namespace of `pods`) on `port`, with up to `max` streams.
-    pub fn new(pods: Api<Pod>, namespace: &str, pod: &str, port: u16, max: usize) -> PortForward {
+    /// Tunnels to `pod` in `namespace` on `port`, with up to `max` streams.
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        pod: &str,
+        port: u16,
+        max: usize,
+    ) -> PortForward {
         PortForward {
-            pods,
+            client,
             pod: pod.to_owned(),
             namespace: namespace.to_owned(),
             port,
@@ -49,11 +63,11 @@ impl PortForward {
     }
 
     async fn open(
-        pods: Api<Pod>,
+        client: kube::Client,
         namespace: String,
         pod: String,
         port: u16,
-    ) -> Result<SendRequest<ReqBody>, BoxError> {
+    ) -> Result<Tunnel, BoxError> {
         let tunnel_err = |cause: String| -> BoxError {
             Box::new(crate::Error::Tunnel {
                 namespace: namespace.clone(),
@@ -62,22 +76,100 @@ impl PortForward {
                 cause,
             })
         };
-        let mut pf = pods
+        use kube::Resource as _;
+        let req = kube::core::Request::new(Pod::url_path(&(), Some(&namespace)))
             .portforward(&pod, &[port])
+            .map_err(|e| tunnel_err(e.to_string()))?;
+        let ws = client
+            .connect(req)
             .await
-            .map_err(|e| tunnel_err(crate::error::describe(&e)))?;
-        let stream = pf
-            .take_stream(port)
-            .ok_or_else(|| tunnel_err("the API server returned no stream".into()))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .map_err(|e| tunnel_err(crate::error::describe(&e)))?
+            .into_stream();
+        let (ours, theirs) = tokio::io::duplex(BRIDGE_BUFFER);
+        let failure = Arc::new(Mutex::new(None));
+        tokio::spawn(bridge(ws, theirs, port, Arc::clone(&failure)));
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
             .await
             .map_err(|e| tunnel_err(e.to_string()))?;
-        tokio::spawn(async move {
-            // The connection ends when either side closes; then the websocket goes too.
-            let _ = conn.await;
-            pf.abort();
-        });
-        Ok(sender)
+        tokio::spawn(conn);
+        Ok(Tunnel { sender, failure })
+    }
+}
+
+/// The buffer between the HTTP connection and the websocket, each way.
+const BRIDGE_BUFFER: usize = 4 << 20;
+/// Bytes per websocket message towards the pod. kube's own port-forward sends 4 KiB messages,
+/// which caps a stream well below what the API server carries; large messages cut the
+/// per-message cost (framing, channel hops, the API server's and kubelet's copies).
+const MESSAGE: usize = 1 << 20;
+
+/// Moves bytes between `io` and a port-forward websocket (`portforward.k8s.io` channels:
+/// 0 data, 1 error; each channel's first message from the server is the port, little-endian).
+/// Ends when either side ends; an error-channel message is kept in `failure`.
+async fn bridge<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    io: tokio::io::DuplexStream,
+    port: u16,
+    failure: Failure,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (mut sink, mut stream) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let from_pod = async {
+        let mut seen_port = [false; 2];
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Binary(b) if b.len() > 1 => {
+                    let ch = usize::from(b[0]);
+                    let data = &b[1..];
+                    if ch > 1 {
+                        break;
+                    }
+                    if !seen_port[ch] {
+                        seen_port[ch] = true;
+                        if data.len() != 2 || u16::from_le_bytes([data[0], data[1]]) != port {
+                            break;
+                        }
+                        continue;
+                    }
+                    if ch == 1 {
+                        if let Ok(mut f) = failure.lock() {
+                            *f = Some(String::from_utf8_lossy(data).into_owned());
+                        }
+                        break;
+                    }
+                    if wr.write_all(data).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let to_pod = async {
+        let mut buf = vec![0u8; MESSAGE + 1];
+        loop {
+            let n = match rd.read(&mut buf[1..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let msg = Message::binary(bytes::Bytes::copy_from_slice(&buf[..=n]));
+            if sink.send(msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    };
+    tokio::select! {
+        () = from_pod => {}
+        () = to_pod => {}
     }
 }
 
@@ -85,17 +177,17 @@ impl PortForward {
 /// stream slot with it.
 struct Returning {
     body: hyper::body::Incoming,
-    back: Option<(SendRequest<ReqBody>, Idle)>,
+    back: Option<(Tunnel, Idle)>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for Returning {
     fn drop(&mut self) {
-        if let Some((sender, idle)) = self.back.take() {
+        if let Some((tunnel, idle)) = self.back.take() {
             // A body dropped before its end leaves the connection unusable; hyper closes it
             // and the next taker sees `is_closed`.
             if let Ok(mut idle) = idle.lock() {
-                idle.push(sender);
+                idle.push(tunnel);
             }
         }
     }
@@ -125,7 +217,7 @@ impl Transport for PortForward {
         &self,
         mut req: Request<ReqBody>,
     ) -> BoxFuture<'static, Result<Response<RespBody>, BoxError>> {
-        let pods = self.pods.clone();
+        let client = self.client.clone();
         let (namespace, pod, port) = (self.namespace.clone(), self.pod.clone(), self.port);
         let idle = Arc::clone(&self.idle);
         let slots = Arc::clone(&self.slots);
@@ -135,13 +227,13 @@ impl Transport for PortForward {
                 .await
                 .map_err(|e| -> BoxError { Box::new(e) })?;
             // An idle connection that is still open and free, else a new tunnel.
-            let mut sender = None;
+            let mut tunnel = None;
             loop {
                 let candidate = idle.lock().ok().and_then(|mut v| v.pop());
                 match candidate {
-                    Some(mut s) if !s.is_closed() => {
-                        if s.ready().await.is_ok() {
-                            sender = Some(s);
+                    Some(mut t) if !t.sender.is_closed() => {
+                        if t.sender.ready().await.is_ok() {
+                            tunnel = Some(t);
                             break;
                         }
                     }
@@ -149,9 +241,9 @@ impl Transport for PortForward {
                     None => break,
                 }
             }
-            let mut sender = match sender {
-                Some(s) => s,
-                None => PortForward::open(pods, namespace, pod, port).await?,
+            let mut tunnel = match tunnel {
+                Some(t) => t,
+                None => PortForward::open(client, namespace.clone(), pod.clone(), port).await?,
             };
             let host = format!("127.0.0.1:{port}");
             let pq = path_and_query(req.uri());
@@ -160,14 +252,27 @@ impl Transport for PortForward {
                 http::header::HOST,
                 HeaderValue::from_str(&host).map_err(|e| -> BoxError { Box::new(e) })?,
             );
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| -> BoxError { Box::new(e) })?;
+            let resp = match tunnel.sender.send_request(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // What the pod side said, if anything, explains a broken stream best.
+                    let said = tunnel.failure.lock().ok().and_then(|mut f| f.take());
+                    let cause = match said {
+                        Some(s) => format!("{e}; the node said: {}", s.trim()),
+                        None => e.to_string(),
+                    };
+                    return Err(Box::new(crate::Error::Tunnel {
+                        namespace,
+                        pod,
+                        port,
+                        cause,
+                    }) as BoxError);
+                }
+            };
             Ok(resp.map(|body| {
                 Returning {
                     body,
-                    back: Some((sender, idle)),
+                    back: Some((tunnel, idle)),
                     _permit: permit,
                 }
                 .boxed_unsync()

@@ -3,6 +3,7 @@
 
 mod agent_image;
 mod bad_input;
+mod deploy;
 mod escape_hatch;
 mod golden;
 mod platform;

@@ -4,7 +4,7 @@
 use crate::support::{self, fails, ok};
 
 #[path = "../../../oci/tests/it/harness.rs"]
-mod harness;
+pub(crate) mod harness;
 
 use harness::{Mode, Registry};
 
