@@ -395,10 +395,18 @@ pub fn run(args: &[String]) -> Result<()> {
         "ConfigMaps:",
     )?;
     let partial = labelled(&env, NS_RESUME, None)?;
-    kill_at(
+    let second = kill_at(
         &mut env.deploy(v2, NS_RESUME, PORT_RESUME, &[]),
         "seed registry ready",
     )?;
+    let reused = second
+        .lines()
+        .find(|l| l.starts_with("ConfigMaps: "))
+        .unwrap_or_default()
+        .to_owned();
+    if !reused.starts_with("ConfigMaps: 0 created") {
+        bail!("the run after the first kill re-created ConfigMaps: {reused:?}");
+    }
     let resumed = json(&mut env.deploy(v2, NS_RESUME, PORT_RESUME, &["--stats"]))?;
     let leftovers = [
         labelled(&env, NS_RESUME, Some("seed"))?,
@@ -416,10 +424,10 @@ pub fn run(args: &[String]) -> Result<()> {
         "resumed",
     )?;
     report.push(format!(
-        "killed at ConfigMaps ({} objects left behind) and at registry ready, re-run: {} ConfigMaps reused, {} blobs uploaded; pod printed {log3:?}",
+        "killed at ConfigMaps ({} objects left behind); the next run said {reused:?} and was killed at registry ready; the last run completed ({} blobs uploaded, {:.2} s); pod printed {log3:?}",
         partial.len(),
-        u64_at(&resumed, "config_maps_existing"),
-        u64_at(&resumed, "blobs_uploaded")
+        u64_at(&resumed, "blobs_uploaded"),
+        f64_at(&resumed, "total_seconds")
     ));
 
     // 6. The pod proxy transport.
