@@ -2,8 +2,9 @@
 //! (skipped, and saying so, without it). It builds everything from this tree (bundle, the
 //! static agent and stage0, and test images made from a small static program of ours), then:
 //! deploys into a fresh namespace, runs a Pod from a deployed image and checks its output and
-//! digest, redeploys (a no-op), kills deploys midway (while seeding and while pushing) and
-//! re-runs them, deploys a newer archive (only new blobs), deploys with `--transport proxy`,
+//! digest, redeploys (a no-op), kills deploys midway (while seeding, at the seed registry
+//! ready, as the push begins) and re-runs them, deploys a newer archive (only new blobs),
+//! deploys with `--transport proxy`,
 //! measures `bundle push` straight to a seeded registry's NodePort against the push through
 //! the API server, and removes everything, checking that nothing labelled by bundle is left.
 //! Namespaces are `bundle-e2e-*`; NodePorts 31990..31993.
@@ -407,6 +408,11 @@ pub fn run(args: &[String]) -> Result<()> {
     if !reused.starts_with("ConfigMaps: 0 created") {
         bail!("the run after the first kill re-created ConfigMaps: {reused:?}");
     }
+    // The third run goes on to the switch and is killed as the bulk push starts.
+    kill_at(
+        &mut env.deploy(v2, NS_RESUME, PORT_RESUME, &[]),
+        "registry now runs",
+    )?;
     let resumed = json(&mut env.deploy(v2, NS_RESUME, PORT_RESUME, &["--stats"]))?;
     let leftovers = [
         labelled(&env, NS_RESUME, Some("seed"))?,
@@ -424,7 +430,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "resumed",
     )?;
     report.push(format!(
-        "killed at ConfigMaps ({} objects left behind); the next run said {reused:?} and was killed at registry ready; the last run completed ({} blobs uploaded, {:.2} s); pod printed {log3:?}",
+        "killed at ConfigMaps ({} objects left behind); the next run said {reused:?} and was killed at registry ready, the third as its push began; the last run completed ({} blobs uploaded, {:.2} s); pod printed {log3:?}",
         partial.len(),
         u64_at(&resumed, "blobs_uploaded"),
         f64_at(&resumed, "total_seconds")

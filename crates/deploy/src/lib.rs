@@ -437,16 +437,7 @@ pub async fn deploy_with(
         )
         .await?;
         let image = agent_ref(&target, &s.agent_name, &s.agent_digest)?;
-        let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "registry", "image": image}]}}}});
-        deployments
-            .patch(REGISTRY, &PatchParams::default(), &Patch::Strategic(&patch))
-            .await
-            .map_err(|e| {
-                Error::api(
-                    format!("patch deployment {ns}/{REGISTRY} (image {image})"),
-                    e,
-                )
-            })?;
+        set_registry_image(&deployments, ns, &image).await?;
         cluster::wait_rollout(client, ns, REGISTRY, opts.timeout, true).await?;
         cluster::wait_old_pods_gone(client, ns, REGISTRY, opts.timeout).await?;
         progress(&format!("registry now runs {image}"));
@@ -477,6 +468,21 @@ pub async fn deploy_with(
         push,
         stats,
     })
+}
+
+/// Points the registry Deployment's container at `image` (a rollout follows).
+async fn set_registry_image(deployments: &Api<Deployment>, ns: &str, image: &str) -> Result<()> {
+    let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "registry", "image": image}]}}}});
+    deployments
+        .patch(REGISTRY, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .map_err(|e| {
+            Error::api(
+                format!("patch deployment {ns}/{REGISTRY} (image {image})"),
+                e,
+            )
+        })?;
+    Ok(())
 }
 
 async fn ready_registry_pod(client: &Client, ns: &str) -> Result<String> {
@@ -679,16 +685,7 @@ async fn seed_registry(
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     if cluster::ensure(&deployments, Some(ns), &deployment).await? == cluster::Created::Existed {
         // An interrupted run left it pointing at an injector port that may have changed.
-        let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [{"name": "registry", "image": image}]}}}});
-        deployments
-            .patch(REGISTRY, &PatchParams::default(), &Patch::Strategic(&patch))
-            .await
-            .map_err(|e| {
-                Error::api(
-                    format!("patch deployment {ns}/{REGISTRY} (image {image})"),
-                    e,
-                )
-            })?;
+        set_registry_image(&deployments, ns, &image).await?;
     }
     let _ = target;
     cluster::wait_rollout(client, ns, REGISTRY, opts.timeout, true).await?;

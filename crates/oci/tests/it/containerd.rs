@@ -213,9 +213,22 @@ impl Containerd {
     /// read-only view's mount, without mounting anything.
     pub fn snapshot_dir(&self, chain_id: &str) -> Result<PathBuf, String> {
         let key = format!("bundle-test-view-{chain_id}");
-        self.snapshots(&["view", &key, chain_id])?;
-        let mounts = self.snapshots(&["mounts", "/unused", &key]);
-        self.snapshots(&["rm", &key])?;
+        // A view made by ctr holds no lease, so containerd's garbage collector (set off by the
+        // pull just before) may take it between these calls; then look again.
+        let mut attempt = 0;
+        let mounts = loop {
+            attempt += 1;
+            let made = self.snapshots(&["view", &key, chain_id]);
+            let mounts = made.and_then(|_| self.snapshots(&["mounts", "/unused", &key]));
+            match self.snapshots(&["rm", &key]) {
+                Err(e) if !e.contains("not found") => return Err(e),
+                _ => {}
+            }
+            match mounts {
+                Err(e) if attempt < 5 && e.contains("not found") => continue,
+                other => break other,
+            }
+        };
         // `mount -t bind SOURCE /unused -o rbind,ro`
         let mounts = mounts?;
         let words: Vec<&str> = mounts.split_whitespace().collect();
