@@ -547,7 +547,12 @@ pub async fn push_via(
 
 /// A push error, with the full-volume case named (the agent answers 500 with the errno text).
 fn registry_error(namespace: &str, e: bundle_oci::Error) -> Error {
-    let text = e.to_string();
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
     if text.contains("No space left on device") || text.contains("os error 28") {
         Error::RegistryFull {
             namespace: namespace.to_owned(),

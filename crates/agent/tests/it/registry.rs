@@ -928,3 +928,63 @@ fn it_runs_as_non_root_without_capabilities() {
         );
     }
 }
+
+/// A full volume (a 2 MiB tmpfs as the root, in a private mount namespace) fails the push with
+/// the errno's words, which `bundle deploy` turns into "the registry ran out of space"; the
+/// agent keeps serving.
+#[test]
+fn a_full_volume_fails_the_push_naming_it_and_the_agent_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = big_archive(dir.path(), &[3 << 20]);
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    const SCRIPT: &str = r#"root="$1"; shift
+mount -t tmpfs -o size=2m tmpfs "$root" || exit 97
+exec "$@""#;
+    let wrap = |args: &[&OsStr]| {
+        let mut c = Command::new("unshare");
+        c.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            SCRIPT,
+            "sh",
+        ])
+        .arg(&root)
+        .args(args);
+        c
+    };
+    let probe = wrap(&[OsStr::new("true")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        matches!(probe, Ok(s) if s.success()),
+        "this test needs `unshare --mount` and tmpfs mounts (root, as CI runs): {probe:?}"
+    );
+    let mut agent = Agent::start(wrap(&[
+        OsStr::new(env!("CARGO_BIN_EXE_bundle-agent")),
+        OsStr::new("registry"),
+        OsStr::new("--root"),
+        root.as_os_str(),
+        OsStr::new("--listen"),
+        OsStr::new("127.0.0.1:0"),
+    ]));
+    let host = agent.host().to_owned();
+    let out = push_cmd(&archive, &host, &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the push into a full volume succeeded"
+    );
+    assert!(
+        stderr.contains("No space left on device"),
+        "the error does not say the volume is full: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    agent.assert_running();
+    let (status, _) = get_json(&host, "/v2/");
+    assert_eq!(status, 200);
+}
