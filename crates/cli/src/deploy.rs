@@ -33,7 +33,8 @@ pub struct DeployArgs {
     pub archive: Vec<PathBuf>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Push to this registry (HOST[:PORT][/PREFIX]) directly instead of seeding one.
+    /// Push to this registry (HOST[:PORT][/PREFIX], or http:// or https:// URL) directly
+    /// instead of seeding one.
     #[arg(long)]
     pub registry: Option<String>,
     /// How pushes reach the seeded registry through the API server.
@@ -139,13 +140,27 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
         if args.archive.len() != 1 {
             bail!("--registry pushes one archive (or one of its parts)");
         }
+        // A URL works too: http:// means plain HTTP (as --insecure-registry HOST).
+        let mut access = args.access.clone();
+        let target = match registry.split_once("://") {
+            Some(("http", rest)) => {
+                let host = rest.split('/').next().unwrap_or_default();
+                access.insecure.push(host.to_owned());
+                rest
+            }
+            Some(("https", rest)) => rest,
+            Some((scheme, _)) => {
+                bail!("--registry {registry:?}: scheme {scheme:?} is not http or https")
+            }
+            None => registry.as_str(),
+        };
         return crate::push(
             &args.archive[0],
-            registry,
+            target,
             args.maps,
             Vec::new(),
             32 << 20,
-            &args.access,
+            &access,
         );
     }
     let archive = Arc::new(Archive::open_parts(&args.archive)?);

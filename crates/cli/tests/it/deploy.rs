@@ -143,6 +143,13 @@ fn deploy_with_registry_pushes_straight_into_it() {
         );
     }
     let again = deploy();
+    // The same as a URL: http:// needs no --insecure-registry.
+    let mut c = support::bundle();
+    c.arg("deploy")
+        .arg(&a)
+        .args(["--registry", &format!("http://{host}/")]);
+    let url = ok(c);
+    assert!(url.contains(" 0 blobs uploaded"), "{url}");
     assert!(
         again.contains(" 0 blobs uploaded") && again.contains(" 0 bytes sent"),
         "{again}"
