@@ -357,6 +357,41 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("after deploy, the injector's objects remain: {leftovers:?}");
     }
 
+    // 2b. With a default StorageClass the registry keeps its data on a PVC: replace its pod
+    //     and redeploy; nothing is sent again.
+    let classes = output(
+        Command::new(&env.kubectl)
+            .arg("--kubeconfig")
+            .arg(&env.kubeconfig)
+            .args(["get", "storageclass", "-o"])
+            .arg("jsonpath={.items[*].metadata.annotations.storageclass\\.kubernetes\\.io/is-default-class}"),
+    )?;
+    if classes.split_whitespace().any(|v| v == "true") {
+        util::run(env.kubectl(NS_MAIN).args([
+            "delete",
+            "pod",
+            "-l",
+            "app.kubernetes.io/name=bundle-registry",
+            "--wait=true",
+        ]))?;
+        util::run(env.kubectl(NS_MAIN).args([
+            "rollout",
+            "status",
+            "deployment/bundle-registry",
+            "--timeout=120s",
+        ]))?;
+        let kept = json(&mut env.deploy(v1, NS_MAIN, PORT_MAIN, &[]))?;
+        if u64_at(&kept, "blobs_uploaded") != 0 {
+            bail!("after its pod was replaced, the registry on a PVC had lost blobs: {kept}");
+        }
+        report.push("registry pod replaced: its PVC kept every blob (redeploy sent 0)".into());
+    } else {
+        report.push(
+            "no default StorageClass: the registry used an emptyDir; PVC persistence not exercised"
+                .into(),
+        );
+    }
+
     // 3. Redeploy: a no-op.
     let t = Instant::now();
     let again = json(&mut env.deploy(v1, NS_MAIN, PORT_MAIN, &[]))?;
