@@ -596,6 +596,16 @@ pub async fn wait_pod(client: &Client, ns: &str, name: &str, timeout: Duration) 
     })
 }
 
+/// The pods of the Deployment `name` (those labelled `app.kubernetes.io/name=<name>`).
+async fn deployment_pods(pods: &Api<Pod>, ns: &str, name: &str) -> Result<Vec<Pod>> {
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/name={name}"));
+    let list = pods
+        .list(&lp)
+        .await
+        .map_err(|e| Error::api(format!("list pods of deployment {ns}/{name}"), e))?;
+    Ok(list.items)
+}
+
 /// Waits until the Deployment's rollout is complete (what `kubectl rollout status` checks);
 /// on timeout, describes its pods.
 ///
@@ -612,7 +622,6 @@ pub async fn wait_rollout(
 ) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("app.kubernetes.io/name={name}"));
     let start = Instant::now();
     let mut retries = 0;
     let mut last_retry = Instant::now();
@@ -623,11 +632,7 @@ pub async fn wait_rollout(
             return Ok(());
         }
         if retry_refused_pulls && retries < 20 && last_retry.elapsed() >= Duration::from_secs(2) {
-            let list = pods
-                .list(&lp)
-                .await
-                .map_err(|e| Error::api(format!("list pods of deployment {ns}/{name}"), e))?;
-            for p in &list.items {
+            for p in &deployment_pods(&pods, ns, name).await? {
                 let (ready, state) = pod_state(p);
                 if !ready
                     && p.metadata.deletion_timestamp.is_none()
@@ -643,13 +648,9 @@ pub async fn wait_rollout(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let list = pods
-        .list(&lp)
-        .await
-        .map_err(|e| Error::api(format!("list pods of deployment {ns}/{name}"), e))?;
     let mut state = String::from("no pod");
     let mut evs = Vec::new();
-    for p in list.items.iter().rev() {
+    for p in deployment_pods(&pods, ns, name).await?.iter().rev() {
         let (ready, s) = pod_state(p);
         if !ready {
             let pname = p.metadata.name.clone().unwrap_or_default();
@@ -687,16 +688,11 @@ pub async fn wait_old_pods_gone(
     name: &str,
     timeout: Duration,
 ) -> Result<()> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("app.kubernetes.io/name={name}"));
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let start = Instant::now();
     loop {
-        let list = api
-            .list(&lp)
-            .await
-            .map_err(|e| Error::api(format!("list pods of deployment {ns}/{name}"), e))?;
-        let dying: Vec<String> = list
-            .items
+        let dying: Vec<String> = deployment_pods(&pods, ns, name)
+            .await?
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_some())
             .filter_map(|p| p.metadata.name.clone())
@@ -719,16 +715,14 @@ pub async fn wait_old_pods_gone(
 
 /// A ready pod of the Deployment `name`.
 pub async fn ready_pod(client: &Client, ns: &str, name: &str) -> Result<Option<String>> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("app.kubernetes.io/name={name}"));
-    let list = api
-        .list(&lp)
-        .await
-        .map_err(|e| Error::api(format!("list pods of {ns}/{name}"), e))?;
-    Ok(list.items.into_iter().find_map(|p| {
-        let deleting = p.metadata.deletion_timestamp.is_some();
-        (pod_state(&p).0 && !deleting).then(|| p.metadata.name.unwrap_or_default())
-    }))
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    Ok(deployment_pods(&pods, ns, name)
+        .await?
+        .into_iter()
+        .find_map(|p| {
+            let deleting = p.metadata.deletion_timestamp.is_some();
+            (pod_state(&p).0 && !deleting).then(|| p.metadata.name.unwrap_or_default())
+        }))
 }
 
 /// Lists nodes and the pods on them.

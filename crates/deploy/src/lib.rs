@@ -30,29 +30,6 @@ pub use objects::Storage;
 use objects::{INJECTOR, REGISTRY};
 pub use seed::Seed;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_full_registry_volume_is_named_with_what_to_do() {
-        let e = registry_error(
-            "ns",
-            bundle_oci::Error::Invalid(
-                "PUT /v2/x/blobs/uploads/1: 500 INTERNAL_ERROR: /var/lib/bundle-registry/uploads/1/data: write: No space left on device (os error 28)".into(),
-            ),
-        );
-        let text = e.to_string();
-        assert!(matches!(e, Error::RegistryFull { .. }), "{text}");
-        assert!(text.contains("Grow the PVC bundle-registry"), "{text}");
-        let other = registry_error(
-            "ns",
-            bundle_oci::Error::Invalid("500 INTERNAL_ERROR: boom".into()),
-        );
-        assert!(matches!(other, Error::Oci(_)));
-    }
-}
-
 /// How to deploy.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -229,13 +206,6 @@ fn agent_ref(target: &Target, seed_name: &str, digest: &Digest) -> Result<String
     Ok(format!("{}/{}@{digest}", r.registry, r.repository))
 }
 
-/// What `--dry-run` prints, and the first half of a real deploy.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// Lines describing each step.
-    pub steps: Vec<String>,
-}
-
 /// Deploys `archive` into the cluster `client` talks to.
 pub async fn deploy(
     client: &Client,
@@ -289,7 +259,8 @@ pub async fn deploy_with(
     }
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let state = registry_state(client, &deployments, ns, opts.node_port).await?;
+    let (state, registry) = registry_state(&deployments, ns, opts.node_port).await?;
+    let rolled_out = registry.as_ref().is_some_and(cluster::rollout_done);
     let seeding = state != RegistryState::SelfHosted;
     let want_pvc = opts
         .storage
@@ -379,11 +350,7 @@ pub async fn deploy_with(
     // A run interrupted while the registry switched to its own image (or whose switch
     // failed) waits for that rollout before pushing into it, and keeps the injector until
     // it is done: the new pod may still need to pull from the old one.
-    if state == RegistryState::SelfHosted
-        && !cluster::get(&deployments, Some(ns), REGISTRY)
-            .await?
-            .is_some_and(|d| cluster::rollout_done(&d))
-    {
+    if state == RegistryState::SelfHosted && !rolled_out {
         progress("the registry is still switching to its own image; waiting for that rollout");
         cluster::wait_rollout(client, ns, REGISTRY, opts.timeout, true).await?;
     }
@@ -391,9 +358,7 @@ pub async fn deploy_with(
     // A run interrupted after the registry came up (still on the injector's image) goes
     // straight to the push.
     let registry_up = state == RegistryState::Seeding
-        && cluster::get(&deployments, Some(ns), REGISTRY)
-            .await?
-            .is_some_and(|d| cluster::rollout_done(&d))
+        && rolled_out
         && cluster::ready_pod(client, ns, REGISTRY).await?.is_some();
     if let (Some(s), Some(st), false) = (&seed, &storage, registry_up) {
         if *st == Storage::EmptyDir {
@@ -407,7 +372,6 @@ pub async fn deploy_with(
             &archive,
             s,
             st,
-            &target,
             opts,
             &archive_id,
             &mut stats,
@@ -497,24 +461,25 @@ async fn ready_registry_pod(client: &Client, ns: &str) -> Result<String> {
         })
 }
 
+/// The registry Deployment, if any, and what state it is in.
 async fn registry_state(
-    client: &Client,
     deployments: &Api<Deployment>,
     ns: &str,
     node_port: u16,
-) -> Result<RegistryState> {
-    let _ = client;
-    Ok(match cluster::get(deployments, Some(ns), REGISTRY).await? {
+) -> Result<(RegistryState, Option<Deployment>)> {
+    let found = cluster::get(deployments, Some(ns), REGISTRY).await?;
+    let state = match &found {
         None => RegistryState::Absent,
         Some(d) => {
-            let image = deployment_image(&d).unwrap_or_default();
+            let image = deployment_image(d).unwrap_or_default();
             if image.starts_with(&self_hosted_prefix(node_port)) {
                 RegistryState::SelfHosted
             } else {
                 RegistryState::Seeding
             }
         }
-    })
+    };
+    Ok((state, found))
 }
 
 /// Pushes the images of the archive (all, or those named) through `transport` to the
@@ -569,7 +534,6 @@ async fn seed_registry(
     archive: &Archive,
     seed: &Seed,
     storage: &Storage,
-    target: &Target,
     opts: &Options,
     archive_id: &str,
     stats: &mut Stats,
@@ -657,7 +621,7 @@ async fn seed_registry(
     ));
 
     if let Some(pod) = create_pod {
-        cluster::ensure(&pods, Some(ns), &pod).await?;
+        cluster::create(&pods, Some(ns), &pod).await?;
     }
     cluster::wait_pod(client, ns, &pod_name, opts.timeout).await?;
     progress(&format!("injector {pod_name} ready"));
@@ -692,7 +656,6 @@ async fn seed_registry(
         // An interrupted run left it pointing at an injector port that may have changed.
         set_registry_image(&deployments, ns, &image).await?;
     }
-    let _ = target;
     cluster::wait_rollout(client, ns, REGISTRY, opts.timeout, true).await?;
     Ok(())
 }
@@ -745,4 +708,27 @@ pub async fn remove(client: &Client, ns: &str, purge: bool, progress: Progress<'
         }
     ));
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_registry_volume_is_named_with_what_to_do() {
+        let e = registry_error(
+            "ns",
+            bundle_oci::Error::Invalid(
+                "PUT /v2/x/blobs/uploads/1: 500 INTERNAL_ERROR: /var/lib/bundle-registry/uploads/1/data: write: No space left on device (os error 28)".into(),
+            ),
+        );
+        let text = e.to_string();
+        assert!(matches!(e, Error::RegistryFull { .. }), "{text}");
+        assert!(text.contains("Grow the PVC bundle-registry"), "{text}");
+        let other = registry_error(
+            "ns",
+            bundle_oci::Error::Invalid("500 INTERNAL_ERROR: boom".into()),
+        );
+        assert!(matches!(other, Error::Oci(_)));
+    }
 }
