@@ -696,6 +696,25 @@ fn wait_output(child: &mut Child) -> Output {
     }
 }
 
+/// `unshare --mount --propagation private sh -c SCRIPT sh SCRIPT_ARGS... CMD...`: the script
+/// changes mounts in a private mount namespace, then `exec "$@"`s the command, so the pid is
+/// the command's.
+fn in_mount_namespace(script: &str, script_args: &[&OsStr], cmd: &[&OsStr]) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ])
+    .args(script_args)
+    .args(cmd);
+    c
+}
+
 /// Makes `/` read-only for the command, in a private mount namespace, leaving `writable`
 /// (bind-mounted on itself first) as the one place it may write; the wrapper execs the command,
 /// so the pid stays the agent's. `None` when this machine does not allow it (no
@@ -706,20 +725,7 @@ mount --bind "$w" "$w" && mount -o remount,bind,ro / || exit 97
 if touch "$probe/written" 2>/dev/null; then rm -f "$probe/written"; exit 98; fi
 exec "$@""#;
     let wrap = |args: &[&OsStr]| {
-        let mut c = Command::new("unshare");
-        c.args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            SCRIPT,
-            "sh",
-        ])
-        .arg(writable)
-        .arg(probe)
-        .args(args);
-        c
+        in_mount_namespace(SCRIPT, &[writable.as_os_str(), probe.as_os_str()], args)
     };
     // A dry run: can we, and does it bite?
     let status = wrap(&[OsStr::new("true")])
@@ -941,21 +947,7 @@ fn a_full_volume_fails_the_push_naming_it_and_the_agent_keeps_serving() {
     const SCRIPT: &str = r#"root="$1"; shift
 mount -t tmpfs -o size=2m tmpfs "$root" || exit 97
 exec "$@""#;
-    let wrap = |args: &[&OsStr]| {
-        let mut c = Command::new("unshare");
-        c.args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            SCRIPT,
-            "sh",
-        ])
-        .arg(&root)
-        .args(args);
-        c
-    };
+    let wrap = |args: &[&OsStr]| in_mount_namespace(SCRIPT, &[root.as_os_str()], args);
     let probe = wrap(&[OsStr::new("true")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
