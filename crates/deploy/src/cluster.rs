@@ -32,6 +32,25 @@ fn retryable(e: &kube::Error) -> bool {
     }
 }
 
+/// Runs `call` until it succeeds, fails with an answer other than 429 or 5xx (or a transport
+/// error), or has been tried [`TRIES`] times, backing off in between.
+async fn retrying<T, F, Fut>(mut call: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut n = 0;
+    loop {
+        match call().await {
+            Err(e) if retryable(&e) && n + 1 < TRIES => {
+                tokio::time::sleep(backoff(n)).await;
+                n += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The object kind and name for messages: `configmap bundle-system/x`.
 fn what<K: Resource<DynamicType = ()>>(ns: Option<&str>, name: &str) -> String {
     let kind = K::kind(&()).to_lowercase();
@@ -46,17 +65,9 @@ pub async fn get<K>(api: &Api<K>, ns: Option<&str>, name: &str) -> Result<Option
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let mut n = 0;
-    loop {
-        match api.get_opt(name).await {
-            Ok(v) => return Ok(v),
-            Err(e) if retryable(&e) && n + 1 < TRIES => {
-                tokio::time::sleep(backoff(n)).await;
-                n += 1;
-            }
-            Err(e) => return Err(Error::api(format!("get {}", what::<K>(ns, name)), e)),
-        }
-    }
+    retrying(|| api.get_opt(name))
+        .await
+        .map_err(|e| Error::api(format!("get {}", what::<K>(ns, name)), e))
 }
 
 /// Whether a create made the object or found it there.
@@ -75,17 +86,11 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
-    let mut n = 0;
-    loop {
-        match api.create(&PostParams::default(), obj).await {
-            Ok(_) => return Ok(Created::New),
-            Err(e) if status_of(&e) == Some(409) => return Ok(Created::Existed),
-            Err(e) if retryable(&e) && n + 1 < TRIES => {
-                tokio::time::sleep(backoff(n)).await;
-                n += 1;
-            }
-            Err(e) => return Err(Error::api(format!("create {}", what::<K>(ns, &name)), e)),
-        }
+    let pp = PostParams::default();
+    match retrying(|| api.create(&pp, obj)).await {
+        Ok(_) => Ok(Created::New),
+        Err(e) if status_of(&e) == Some(409) => Ok(Created::Existed),
+        Err(e) => Err(Error::api(format!("create {}", what::<K>(ns, &name)), e)),
     }
 }
 
@@ -108,18 +113,11 @@ pub async fn delete<K>(api: &Api<K>, ns: Option<&str>, name: &str) -> Result<boo
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let mut n = 0;
-    loop {
-        let dp = DeleteParams::background();
-        match api.delete(name, &dp).await {
-            Ok(_) => return Ok(true),
-            Err(e) if status_of(&e) == Some(404) => return Ok(false),
-            Err(e) if retryable(&e) && n + 1 < TRIES => {
-                tokio::time::sleep(backoff(n)).await;
-                n += 1;
-            }
-            Err(e) => return Err(Error::api(format!("delete {}", what::<K>(ns, name)), e)),
-        }
+    let dp = DeleteParams::background();
+    match retrying(|| api.delete(name, &dp)).await {
+        Ok(_) => Ok(true),
+        Err(e) if status_of(&e) == Some(404) => Ok(false),
+        Err(e) => Err(Error::api(format!("delete {}", what::<K>(ns, name)), e)),
     }
 }
 
