@@ -159,7 +159,7 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
             target,
             args.maps,
             Vec::new(),
-            32 << 20,
+            Options::default().chunk_size,
             &access,
         );
     }
@@ -176,7 +176,7 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
         jobs: args.access.jobs.max(1),
         // The pod proxy takes whole bodies; keep each one small.
         chunk_size: match via {
-            Via::PortForward => 32 << 20,
+            Via::PortForward => Options::default().chunk_size,
             Via::Proxy => 8 << 20,
         },
         maps: args.maps.clone(),
