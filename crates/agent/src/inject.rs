@@ -14,7 +14,7 @@ use crate::Opts;
 use crate::listen::{self, DEFAULT_LISTEN};
 
 /// The index file's name in the chunk directory.
-pub const INDEX_FILE: &str = "index.cbor";
+pub const INDEX_FILE: &str = bundle_oci::server::archive::Payload::INDEX_FILE;
 
 /// Runs the injector until stopped.
 pub fn run(opts: &Opts) -> anyhow::Result<()> {

@@ -104,7 +104,7 @@ impl Seed {
         let mut maps = vec![SeedMap {
             kind: SeedKind::PayloadIndex,
             sha256: payload.id.hex(),
-            key: bundle_agent_index_file().into(),
+            key: Payload::INDEX_FILE.into(),
             size: payload.index.len() as u64,
         }];
         for &f in &payload.frames {
@@ -173,9 +173,4 @@ impl Seed {
             }
         })
     }
-}
-
-/// The injector's index file name (see the agent's inject mode).
-fn bundle_agent_index_file() -> &'static str {
-    "index.cbor"
 }

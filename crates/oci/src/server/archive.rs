@@ -300,6 +300,9 @@ pub struct Payload {
 }
 
 impl Payload {
+    /// The index file's name among the frame files (the injector opens it by this name).
+    pub const INDEX_FILE: &'static str = "index.cbor";
+
     /// The payload of `names` of `archive`.
     pub fn new(archive: &Archive, names: &[&str]) -> Result<Payload, Error> {
         let blobs = closure(archive, names)?;
@@ -319,7 +322,7 @@ impl Payload {
 
     /// Writes `index.cbor` and every frame file into `dir` (which must exist).
     pub fn write_to(&self, archive: &Archive, dir: &std::path::Path) -> Result<(), Error> {
-        let p = dir.join("index.cbor");
+        let p = dir.join(Self::INDEX_FILE);
         std::fs::write(&p, &self.index).map_err(|e| Error::io(&p, "write", e))?;
         for &f in &self.frames {
             let p = dir.join(Self::frame_name(archive, f));
