@@ -343,8 +343,14 @@ async fn push_blob(
         repo: repo.name.clone(),
         mount_from: mount_from.map(str::to_owned),
     };
-    if client.blob_size(repo, &scope, &digest).await?.is_some() {
-        return Ok(Outcome::Skipped);
+    match client.blob_size(repo, &scope, &digest).await {
+        Ok(Some(_)) => return Ok(Outcome::Skipped),
+        Ok(None) => {}
+        // A registry killed while it wrote a blob's repository link can answer 500 for that
+        // blob ever after (distribution: "invalid checksum digest format"); uploading it again
+        // rewrites the link. Were the registry truly broken, the upload fails with its error.
+        Err(Error::Status { status, .. }) if status.is_server_error() => {}
+        Err(e) => return Err(e),
     }
     let body = body_factory(
         Arc::clone(archive),

@@ -464,6 +464,59 @@ fn registry_killed_mid_push_then_rerun_skips_what_arrived() {
     check_with_skopeo(&reg, &second);
 }
 
+/// distribution writes a blob's repository link in place, so a registry killed at that moment
+/// keeps an empty link and answers 500 ("invalid checksum digest format") to every HEAD of that
+/// blob. A re-push uploads such blobs again, which rewrites the links, instead of failing.
+#[test]
+fn blobs_a_killed_registry_left_half_linked_are_pushed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, archive) = small_archive(dir.path());
+    let reg = Registry::start(Mode::Plain);
+    let host = reg.host();
+    let c = client(&reg, &host, None);
+    let rt = rt();
+    let first = rt
+        .block_on(bundle_oci::push::push(
+            &c,
+            Arc::clone(&archive),
+            &opts(&host, 1 << 20, 2),
+        ))
+        .unwrap();
+    let repos = reg.storage_dir().join("docker/registry/v2/repositories");
+    let mut links = Vec::new();
+    collect_named(&repos, "link", &mut links);
+    let mut emptied = 0;
+    for link in links
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("/_layers/"))
+    {
+        std::fs::write(link, b"").unwrap();
+        emptied += 1;
+    }
+    assert!(emptied > 0, "no layer links under {}", repos.display());
+    let again = rt
+        .block_on(bundle_oci::push::push(
+            &c,
+            Arc::clone(&archive),
+            &opts(&host, 1 << 20, 2),
+        ))
+        .unwrap_or_else(|e| panic!("re-push over emptied links: {e}"));
+    assert!(again.uploaded + again.mounted > 0, "{again:?}");
+    check_with_skopeo(&reg, &again);
+    assert_eq!(again.images, first.images);
+}
+
+fn collect_named(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_named(&p, name, out);
+        } else if e.file_name() == name {
+            out.push(p);
+        }
+    }
+}
+
 #[test]
 fn chunked_upload_survives_lost_chunk_responses() {
     let dir = tempfile::tempdir().unwrap();
