@@ -266,11 +266,30 @@ fn plan(input: &BundleInput) -> Result<Vec<Member>> {
     Ok(members)
 }
 
-/// One frame's worth of the tar stream, before compression: `data[..len]`.
+/// One frame's worth of the tar stream, before compression.
 struct Job {
     frame: u32,
-    data: Vec<u8>,
-    len: usize,
+    data: FrameData,
+}
+
+/// Where a frame's uncompressed bytes are.
+enum FrameData {
+    /// `buf[..len]` of a pool buffer: frames with a tar header or padding, and content held in
+    /// memory.
+    Buffer(Vec<u8>, usize),
+    /// A frame of nothing but file content, read straight from the page cache through a
+    /// mapping of just that range (no copy; unmapped when the frame is compressed, so the
+    /// pages never pile up in this process).
+    Mapped(memmap2::Mmap),
+}
+
+impl FrameData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            FrameData::Buffer(b, len) => &b[..*len],
+            FrameData::Mapped(m) => m,
+        }
+    }
 }
 
 /// Buffers handed back for reuse, so that frames are neither allocated nor zeroed again:
@@ -302,8 +321,8 @@ impl Pool {
 fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result<()> {
     let mut open: Option<(PathBuf, File)> = None;
     let mut frame: u32 = 0;
-    let mut send = |data: Vec<u8>, len: usize| -> bool {
-        let job = Job { frame, data, len };
+    let mut send = |data: FrameData| -> bool {
+        let job = Job { frame, data };
         frame += 1;
         tx.send(job).is_ok()
     };
@@ -318,6 +337,18 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result
         let mut done: u64 = 0;
         let mut pad_left = (tar::padded(size) - size) as usize;
         loop {
+            // A whole frame of file content is mapped, not copied.
+            if len == 0
+                && size - done >= chunk as u64
+                && let Some(map) = map_content(m, done, chunk, &mut open)
+            {
+                hasher.update(&map);
+                done += chunk as u64;
+                if !send(FrameData::Mapped(map)) {
+                    return Ok(());
+                }
+                continue;
+            }
             // Fill the frame with content, then padding.
             if done < size && len < chunk {
                 let n = ((chunk - len) as u64).min(size - done) as usize;
@@ -336,21 +367,55 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result
             let last = done == size && pad_left == 0;
             if last {
                 check_blob(m, hasher)?;
-                if !send(buf, len) {
+                if !send(FrameData::Buffer(buf, len)) {
                     return Ok(());
                 }
                 break;
             }
             if len == chunk {
-                if !send(std::mem::replace(&mut buf, pool.take(chunk)), len) {
+                let full = std::mem::replace(&mut buf, pool.take(chunk));
+                if !send(FrameData::Buffer(full, len)) {
                     return Ok(());
                 }
                 len = 0;
             }
         }
     }
-    send(vec![0u8; END_LEN], END_LEN);
+    send(FrameData::Buffer(vec![0u8; END_LEN], END_LEN));
     Ok(())
+}
+
+/// Maps content bytes `done..done + len` of a file-backed blob, or `None` when the member is
+/// not read from a file or the file cannot be mapped (the caller then reads it).
+fn map_content(
+    m: &Member,
+    done: u64,
+    len: usize,
+    open: &mut Option<(PathBuf, File)>,
+) -> Option<memmap2::Mmap> {
+    let Member::Blob(BlobInput {
+        content: Content::File { path, offset },
+        ..
+    }) = m
+    else {
+        return None;
+    };
+    let file = match open {
+        Some((p, f)) if p == path => f,
+        _ => &open.insert((path.clone(), File::open(path).ok()?)).1,
+    };
+    // A short file would map fine and fault past its end: it is read instead, and named.
+    let start = offset.checked_add(done)?;
+    if file.metadata().ok()?.len() < start.checked_add(len as u64)? {
+        return None;
+    }
+    // SAFETY: a read-only mapping of an input file, read while the frame is hashed and
+    // compressed and unmapped after. Input files are not ours to lock: one truncated under a
+    // running create faults, the hazard of every mmap reader (ARCHITECTURE.md, invariants).
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::MmapOptions::new().offset(start).len(len).map(file) }.ok()?;
+    let _ = map.advise(memmap2::Advice::WillNeed);
+    Some(map)
 }
 
 /// Checks a blob's content digest once all of it has been read.
@@ -771,16 +836,16 @@ fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Resu
                     };
                     let Ok(job) = next else { return };
                     let mut bytes = outputs.take(0);
-                    let res =
-                        compress(&job.data[..job.len], level, job.frame, &mut bytes).map(|()| {
-                            Compressed {
-                                frame: job.frame,
-                                sha: *Digest::of(&bytes).as_bytes(),
-                                bytes,
-                                dsize: job.len as u32,
-                            }
-                        });
-                    inputs.give(job.data);
+                    let data = job.data.bytes();
+                    let res = compress(data, level, job.frame, &mut bytes).map(|()| Compressed {
+                        frame: job.frame,
+                        sha: *Digest::of(&bytes).as_bytes(),
+                        bytes,
+                        dsize: data.len() as u32,
+                    });
+                    if let FrameData::Buffer(buf, _) = job.data {
+                        inputs.give(buf);
+                    }
                     if rtx.send(res).is_err() {
                         return;
                     }
