@@ -159,7 +159,8 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
             target,
             args.maps,
             Vec::new(),
-            Options::default().chunk_size,
+            // Deploy checks every frame it sends (see the deploy crate's push options).
+            (Options::default().chunk_size, true),
             &access,
         );
     }

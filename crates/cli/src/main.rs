@@ -88,6 +88,11 @@ enum Command {
         /// Chunk size for large blobs.
         #[arg(long, default_value = "32MiB", value_parser = config::parse_size)]
         chunk_size: u64,
+        /// Hash every frame against the archive's index before sending it (without it, zstd's
+        /// frame checksums and the registry's digest check guard the content, and a blob the
+        /// registry refuses has its frames hashed to name the damaged one).
+        #[arg(long)]
+        verify: bool,
         #[command(flatten)]
         access: registry::RegistryArgs,
     },
@@ -196,8 +201,16 @@ fn run(cli: Cli) -> Result<()> {
             maps,
             images,
             chunk_size,
+            verify,
             access,
-        } => push(&archive, &registry, maps, images, chunk_size, &access),
+        } => push(
+            &archive,
+            &registry,
+            maps,
+            images,
+            (chunk_size, verify),
+            &access,
+        ),
         Command::Verify {
             archive,
             deep,
@@ -476,7 +489,7 @@ fn push(
     registry: &str,
     maps: Vec<bundle_oci::push::MapRule>,
     images: Vec<String>,
-    chunk_size: u64,
+    (chunk_size, verify): (u64, bool),
     access: &registry::RegistryArgs,
 ) -> Result<()> {
     let a = std::sync::Arc::new(Archive::open(archive)?);
@@ -487,6 +500,7 @@ fn push(
         images,
         jobs: access.jobs,
         chunk_size,
+        verify,
     };
     let client = access.client()?;
     let rt = registry::runtime()?;

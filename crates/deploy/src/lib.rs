@@ -503,6 +503,8 @@ pub async fn push_via(
             images,
             jobs: opts.jobs,
             chunk_size: opts.chunk_size,
+            // Deploy checks every frame it sends, as it does every ConfigMap frame.
+            verify: true,
         },
     )
     .await

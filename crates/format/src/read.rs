@@ -471,6 +471,21 @@ impl Archive {
         self.decompress_bytes(frame, c, out)
     }
 
+    /// Decompresses a frame into `out` (cleared first) without hashing its compressed bytes;
+    /// zstd still checks the frame's XXH64 content checksum, and its size is checked. For
+    /// readers whose receiver checks the content against its digest (push to a registry),
+    /// which then call [`Archive::check_frame`] only when the receiver refused the content.
+    pub fn decompress_frame_unhashed(&self, frame: u32, out: &mut Vec<u8>) -> Result<()> {
+        let (slot, off, len) = self.locate(frame)?;
+        self.decompress_bytes(frame, &slot.data.bytes()[off..off + len], out)
+    }
+
+    /// Hashes a frame's compressed bytes and checks them against the index, even when this
+    /// `Archive` checked the frame before; the error names the frame, its member and file.
+    pub fn check_frame(&self, frame: u32) -> Result<()> {
+        self.frame_checked(frame, true).map(|_| ())
+    }
+
     /// Reads a frame's compressed bytes into `buf` with `pread` rather than through the
     /// mapping (a long-running server then keeps no file pages mapped), checks them against
     /// the index's sha256 when `hash` is set (once per `Archive`, as [`Archive::frame`]) and

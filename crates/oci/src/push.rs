@@ -141,6 +141,11 @@ pub struct PushOptions {
     pub jobs: usize,
     /// Chunk size for chunked uploads.
     pub chunk_size: u64,
+    /// Hash every frame against the archive's index before sending it. Without it, frames
+    /// are checked by their zstd content checksums as they are decompressed and each blob by
+    /// the registry against its digest; a blob the registry refuses has its frames hashed
+    /// then, to name the damaged one.
+    pub verify: bool,
 }
 
 /// What a push did.
@@ -266,6 +271,7 @@ fn body_factory(
     digest: Digest,
     sent: Arc<AtomicU64>,
     pool: Arc<Pool>,
+    verify: bool,
 ) -> BodyFactory {
     Arc::new(move |offset: u64, len: u64| -> ReqBody {
         let (tx, rx) = mpsc::channel(1);
@@ -285,7 +291,12 @@ fn body_factory(
                 if tx.is_closed() {
                     return;
                 }
-                if let Err(e) = archive.decompress_frame(frame, &mut buf.0) {
+                let read = if verify {
+                    archive.decompress_frame(frame, &mut buf.0)
+                } else {
+                    archive.decompress_frame_unhashed(frame, &mut buf.0)
+                };
+                if let Err(e) = read {
                     let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
                     return;
                 }
@@ -320,6 +331,8 @@ struct Uploader {
     /// Content bytes sent so far.
     sent: Arc<AtomicU64>,
     pool: Arc<Pool>,
+    /// [`PushOptions::verify`].
+    verify: bool,
 }
 
 /// Puts one blob into `repo`: HEAD, else mount from `mount_from`, else upload.
@@ -357,6 +370,7 @@ async fn push_blob(
         digest,
         Arc::clone(&up.sent),
         Arc::clone(&up.pool),
+        up.verify,
     );
     let mut restarts = 0u32;
     'session: loop {
@@ -432,6 +446,25 @@ async fn push_blob(
     }
 }
 
+/// When the registry refused a blob's content (a 400: its digest did not match what arrived)
+/// and frames were not hashed on the way, hashes the blob's frames: a damaged one is the error
+/// to report, named. Otherwise the registry's error stands.
+fn damaged_frame(up: &Uploader, digest: &Digest, e: Error) -> Error {
+    let refused =
+        matches!(&e, Error::Status { status, .. } if *status == http::StatusCode::BAD_REQUEST);
+    let Some(blob) = up
+        .archive
+        .index()
+        .blob(digest)
+        .filter(|_| refused && !up.verify)
+    else {
+        return e;
+    };
+    (blob.first_frame..blob.first_frame + blob.frames)
+        .find_map(|f| up.archive.check_frame(f).err())
+        .map_or(e, Error::from)
+}
+
 /// Upload sessions a blob may start before its push fails.
 const MAX_RESTARTS: u32 = 5;
 
@@ -505,6 +538,7 @@ pub async fn push(
         chunk: opts.chunk_size.max(1 << 20),
         sent: Arc::clone(&sent),
         pool: Arc::new(Pool::new(opts.jobs.max(1) * BUFFERS_PER_JOB)),
+        verify: opts.verify,
     });
     let mut tasks = tokio::task::JoinSet::new();
     // Largest blobs first, so the long uploads start early.
@@ -520,7 +554,8 @@ pub async fn push(
                 .map_err(|e| Error::Invalid(e.to_string()))?;
             let mut outcomes = Vec::new();
             let first = &repos[0];
-            outcomes.push(push_blob(&up, first, digest, None).await?);
+            let pushed = push_blob(&up, first, digest, None).await;
+            outcomes.push(pushed.map_err(|e| damaged_frame(&up, &digest, e))?);
             for r in &repos[1..] {
                 outcomes.push(push_blob(&up, r, digest, Some(&first.name)).await?);
             }

@@ -173,6 +173,7 @@ fn opts(host: &str, chunk: u64, jobs: usize) -> PushOptions {
         images: Vec::new(),
         jobs,
         chunk_size: chunk,
+        verify: false,
     }
 }
 
@@ -514,6 +515,71 @@ fn collect_named(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
         } else if e.file_name() == name {
             out.push(p);
         }
+    }
+}
+
+/// Without `verify`, frames are not hashed on the way out. A frame forged so that zstd's own
+/// checksum still holds sends other content, which the registry refuses (its digest does not
+/// match); push then hashes that blob's frames and names the forged one. With `verify`, the
+/// frame is refused before it is sent. Either way the blob never lands.
+#[test]
+fn a_forged_frame_is_named_with_and_without_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = big_archive(dir.path(), 1, 3 << 20);
+    let layer = archive
+        .index()
+        .blobs
+        .iter()
+        .max_by_key(|b| b.size)
+        .unwrap()
+        .clone();
+    let k = layer.first_frame + 1;
+    let frame = &archive.index().frames[k as usize];
+    let (offset, csize) = (frame.offset(), frame.csize() as usize);
+    let mut content = Vec::new();
+    archive.decompress_frame(k, &mut content).unwrap();
+    content[1000] ^= 1;
+    // Noise compresses to raw blocks: the forged frame has the length of the real one.
+    let mut z = zstd::bulk::Compressor::new(1).unwrap();
+    z.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+        .unwrap();
+    let forged = z.compress(&content).unwrap();
+    assert_eq!(forged.len(), csize);
+    drop(archive);
+    let path = dir.path().join("big.bundle");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset as usize..offset as usize + csize].copy_from_slice(&forged);
+    std::fs::write(&path, &bytes).unwrap();
+    let archive = Arc::new(Archive::open(&path).unwrap());
+    let reg = Registry::start(Mode::Plain);
+    let host = reg.host();
+    let c = client(&reg, &host, None);
+    let rt = rt();
+    for verify in [false, true] {
+        let o = PushOptions {
+            verify,
+            ..opts(&host, 1 << 20, 2)
+        };
+        let e = rt
+            .block_on(bundle_oci::push::push(&c, Arc::clone(&archive), &o))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("frame {k} ")) && e.contains("sha256 mismatch"),
+            "verify {verify}: {e}"
+        );
+        let repo = bundle_oci::Repo {
+            registry: host.clone(),
+            name: "big/app".into(),
+        };
+        let have = rt
+            .block_on(c.blob_size(
+                &repo,
+                &bundle_oci::Scope::Pull(repo.name.clone()),
+                &layer.digest,
+            ))
+            .unwrap();
+        assert_eq!(have, None, "verify {verify}: the forged blob landed");
     }
 }
 
