@@ -510,13 +510,14 @@ fn push(
         out!("{name} -> {to} ({digest})");
     }
     out!(
-        "pushed {} images in {:.1}s: {} blobs uploaded, {} already present, {} mounted, {} manifests, {} bytes sent",
+        "pushed {} images in {:.1}s: {} blobs uploaded, {} already present, {} mounted, {} manifests ({} already there), {} bytes sent",
         report.images.len(),
         started.elapsed().as_secs_f64(),
         report.uploaded,
         report.skipped,
         report.mounted,
         report.manifests,
+        report.manifests_present,
         report.bytes_sent
     );
     Ok(())

@@ -360,6 +360,31 @@ impl Client {
         finish_blob(repo, &action, digest, resp).await
     }
 
+    /// The digest of what a repository holds under a manifest reference (a tag or a digest),
+    /// from a HEAD request's `Docker-Content-Digest`; `None` when it holds nothing there or does
+    /// not say.
+    pub async fn manifest_digest(
+        &self,
+        repo: &Repo,
+        scope: &Scope,
+        reference: &str,
+    ) -> Result<Option<Digest>> {
+        let action = format!("HEAD manifest {repo}:{reference}");
+        let mut call = Call::new(
+            Method::HEAD,
+            format!("/v2/{}/manifests/{reference}", repo.name),
+            action.clone(),
+        );
+        call.headers
+            .insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        let resp = self.send(repo, scope, &call).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(content_digest(resp.headers()).and_then(Result::ok)),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(status_error(repo, &action, s, b"")),
+        }
+    }
+
     /// Uploads a manifest under `reference` (a tag or its digest); checks the digest the
     /// registry reports.
     pub async fn put_manifest(

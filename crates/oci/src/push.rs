@@ -163,6 +163,8 @@ pub struct PushReport {
     pub bytes_sent: u64,
     /// Manifests and indexes put.
     pub manifests: u64,
+    /// Manifests and indexes the registry already held under the same reference.
+    pub manifests_present: u64,
 }
 
 /// One image's plan: its blobs, and its manifests in push order (children first).
@@ -573,24 +575,49 @@ pub async fn push(
             }
         }
     }
+    // Images in parallel; within one, children before the index that names them.
+    let puts = plans.iter().map(|p| put_manifests(client, &archive, p));
+    for (put, present) in futures_util::future::try_join_all(puts).await? {
+        report.manifests += put;
+        report.manifests_present += present;
+    }
     for p in &plans {
-        let repo = Repo::of(&p.target);
-        for (d, mt) in &p.manifests {
-            let bytes = Bytes::from(archive.read_blob(d)?);
-            let reference = if *d == p.root {
-                p.target.tag.clone().unwrap_or_else(|| d.to_string())
-            } else {
-                d.to_string()
-            };
-            client.put_manifest(&repo, &reference, mt, bytes).await?;
-            report.manifests += 1;
-        }
         report
             .images
             .push((p.name.clone(), p.target.clone(), p.root));
     }
     report.bytes_sent = sent.load(Ordering::Relaxed);
     Ok(report)
+}
+
+/// Puts an image's manifests in plan order, skipping each the registry already holds under
+/// the same reference with the same digest (a re-push then writes nothing). Returns how many
+/// were put and how many were there.
+async fn put_manifests(client: &Client, archive: &Archive, p: &ImagePlan) -> Result<(u64, u64)> {
+    let repo = Repo::of(&p.target);
+    let scope = Scope::Push {
+        repo: repo.name.clone(),
+        mount_from: None,
+    };
+    let (mut put, mut present) = (0, 0);
+    for (d, mt) in &p.manifests {
+        let reference = if *d == p.root {
+            p.target.tag.clone().unwrap_or_else(|| d.to_string())
+        } else {
+            d.to_string()
+        };
+        // A registry that cannot answer the HEAD is simply sent the manifest.
+        if let Ok(Some(have)) = client.manifest_digest(&repo, &scope, &reference).await
+            && have == *d
+        {
+            present += 1;
+            continue;
+        }
+        let bytes = Bytes::from(archive.read_blob(d)?);
+        client.put_manifest(&repo, &reference, mt, bytes).await?;
+        put += 1;
+    }
+    Ok((put, present))
 }
 
 #[cfg(test)]

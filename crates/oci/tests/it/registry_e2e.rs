@@ -227,6 +227,13 @@ fn push_repush_and_pull_in_every_mode() {
             "{mode:?}: {again:?}"
         );
         assert_eq!(again.skipped, first.uploaded + first.mounted, "{mode:?}");
+        // Manifests too: each is found under its reference with its digest, none is put.
+        assert_eq!(
+            (again.manifests, again.manifests_present),
+            (0, first.manifests),
+            "{mode:?}: {again:?}"
+        );
+        assert!(first.manifests >= 5, "{first:?}");
         // Pull every image back into a fresh cache: same digests, every blob verified.
         let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
         for (name, to, digest) in &first.images {
