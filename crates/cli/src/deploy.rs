@@ -56,6 +56,9 @@ pub struct DeployArgs {
     /// Print the plan without changing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Hash every frame against the archive's index before pushing it (as `bundle push --verify`).
+    #[arg(long)]
+    pub verify: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -159,8 +162,7 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
             target,
             args.maps,
             Vec::new(),
-            // Deploy checks every frame it sends (see the deploy crate's push options).
-            (Options::default().chunk_size, true),
+            (Options::default().chunk_size, args.verify),
             &access,
         );
     }
@@ -183,6 +185,7 @@ pub fn deploy(args: DeployArgs) -> Result<()> {
         maps: args.maps.clone(),
         timeout: Duration::from_secs(args.timeout),
         dry_run: args.dry_run,
+        verify: args.verify,
         ..Options::default()
     };
     let rt = crate::registry::runtime()?;

@@ -53,6 +53,10 @@ pub struct Options {
     pub timeout: Duration,
     /// Only print what would happen.
     pub dry_run: bool,
+    /// Hash every pushed frame against the archive's index before it leaves (as
+    /// `bundle push --verify`); without it the frames' zstd checksums and the registry's
+    /// digest check guard the content. Seed ConfigMap frames are always hashed.
+    pub verify: bool,
 }
 
 impl Default for Options {
@@ -68,6 +72,7 @@ impl Default for Options {
             maps: Vec::new(),
             timeout: Duration::from_secs(180),
             dry_run: false,
+            verify: false,
         }
     }
 }
@@ -503,8 +508,7 @@ pub async fn push_via(
             images,
             jobs: opts.jobs,
             chunk_size: opts.chunk_size,
-            // Deploy checks every frame it sends, as it does every ConfigMap frame.
-            verify: true,
+            verify: opts.verify,
         },
     )
     .await
