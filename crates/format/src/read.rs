@@ -14,14 +14,14 @@ use crate::{Digest, END_LEN, Error, Hasher, Index, Result, tar};
 
 /// Bytes of one part: a read-only file mapping, or bytes in memory (fuzzing, tests).
 enum Data {
-    Map(Mmap, File),
+    Map(Mmap),
     Bytes(Vec<u8>),
 }
 
 impl Data {
     fn bytes(&self) -> &[u8] {
         match self {
-            Data::Map(m, _) => m,
+            Data::Map(m) => m,
             Data::Bytes(b) => b,
         }
     }
@@ -29,7 +29,7 @@ impl Data {
     /// Tells the kernel we are done with a range, so that sequential passes over a large
     /// archive do not keep it all resident.
     fn release(&self, start: usize, len: usize) {
-        if let Data::Map(m, _) = self {
+        if let Data::Map(m) = self {
             #[allow(unsafe_code)]
             // SAFETY: the mapping is a read-only MAP_SHARED file mapping; MADV_DONTNEED only
             // drops our page-table entries and later reads fault the file's pages back in,
@@ -161,9 +161,10 @@ fn map(path: &Path) -> Result<Data> {
     #[allow(unsafe_code)]
     // SAFETY: the map is read-only; the archive files are ours to read and are not expected to
     // change while open. A concurrent writer can only make us read wrong bytes, which the
-    // frame and blob digests then reject; it cannot make safe code unsound beyond that.
+    // frame and blob digests then reject, or, by truncating the file in place, fault the
+    // process (SIGBUS); replacing an archive by rename is safe (ARCHITECTURE.md, invariants).
     let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-    Ok(Data::Map(m, f))
+    Ok(Data::Map(m))
 }
 
 fn check_part_count(index: &Index, t: &Trailer) -> Result<()> {
@@ -486,36 +487,22 @@ impl Archive {
         self.frame_checked(frame, true).map(|_| ())
     }
 
-    /// Reads a frame's compressed bytes into `buf` with `pread` rather than through the
-    /// mapping (a long-running server then keeps no file pages mapped), checks them against
-    /// the index's sha256 when `hash` is set (once per `Archive`, as [`Archive::frame`]) and
-    /// decompresses them into `out`. Decompression always checks the frame's own XXH64
-    /// content checksum, which every v1 frame carries.
-    pub fn read_frame(
-        &self,
-        frame: u32,
-        hash: bool,
-        buf: &mut Vec<u8>,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
-        use std::os::unix::fs::FileExt as _;
+    /// Decompresses a frame into `out` (cleared first) for a long-running reader (a server):
+    /// checks the compressed bytes against the index's sha256 when `hash` is set (once per
+    /// `Archive`, as [`Archive::frame`]), then drops the frame's pages from this process, so
+    /// that serving a large archive keeps no file pages mapped. Decompression always checks
+    /// the frame's own XXH64 content checksum, which every v1 frame carries.
+    pub fn read_frame(&self, frame: u32, hash: bool, out: &mut Vec<u8>) -> Result<()> {
         let (slot, off, len) = self.locate(frame)?;
-        match &slot.data {
-            Data::Map(_, f) => {
-                // A reused buffer keeps its length: only growth is zeroed, not every read.
-                buf.resize(len, 0);
-                f.read_exact_at(buf, off as u64)
-                    .map_err(|e| Error::io(&slot.path, e))?;
-            }
-            Data::Bytes(b) => {
-                buf.clear();
-                buf.extend_from_slice(&b[off..off + len]);
-            }
-        }
-        if hash && !self.checked.get(frame) {
-            self.check_sha256(frame, &slot.path, buf)?;
-        }
-        self.decompress_bytes(frame, buf, out)
+        let c = &slot.data.bytes()[off..off + len];
+        let read = if hash && !self.checked.get(frame) {
+            self.check_sha256(frame, &slot.path, c)
+        } else {
+            Ok(())
+        };
+        let read = read.and_then(|()| self.decompress_bytes(frame, c, out));
+        self.release_frame(frame);
+        read
     }
 
     fn decompress_bytes(&self, frame: u32, c: &[u8], out: &mut Vec<u8>) -> Result<()> {

@@ -28,14 +28,11 @@ struct Repo {
 
 /// Decompressed frames (about 1 MiB each) that blob streams hold at once.
 pub const OUT_BUFFERS: usize = 40;
-/// Compressed frames being read at once.
-pub const READ_BUFFERS: usize = 8;
 
 /// An archive served read-only.
 pub struct ArchiveStore {
     archive: Archive,
     out_pool: Pool,
-    read_pool: Pool,
     hash_frames: bool,
     repos: BTreeMap<String, Repo>,
     media_types: HashMap<Digest, String>,
@@ -82,7 +79,6 @@ impl ArchiveStore {
         Ok(ArchiveStore {
             archive,
             out_pool: Pool::new(OUT_BUFFERS),
-            read_pool: Pool::new(READ_BUFFERS),
             hash_frames: true,
             repos,
             media_types,
@@ -171,14 +167,11 @@ impl ArchiveStore {
             if !sink.ready() {
                 break;
             }
-            // Two pools, taken in this order, so that no wait can close a cycle: a stream waits
-            // for an output buffer holding nothing, and a read buffer is held only while
-            // reading, never while waiting for anything else.
+            // Frames are decompressed straight from the archive's pages into a pooled
+            // buffer; a stream waits for one only while holding none.
             let mut buf = self.out_pool.take();
-            let mut compressed = self.read_pool.take();
             self.archive
-                .read_frame(frame, self.hash_frames, &mut compressed.0, &mut buf.0)?;
-            drop(compressed);
+                .read_frame(frame, self.hash_frames, &mut buf.0)?;
             if !sink.send(Bytes::from_owner(buf).slice(range)) {
                 break;
             }
