@@ -177,6 +177,16 @@ fn opts(host: &str, chunk: u64, jobs: usize) -> PushOptions {
     }
 }
 
+/// Pushes every image of `archive`.
+fn push_all(
+    rt: &tokio::runtime::Runtime,
+    c: &Client,
+    archive: &Arc<Archive>,
+    o: &PushOptions,
+) -> bundle_oci::Result<PushReport> {
+    rt.block_on(bundle_oci::push::push(c, Arc::clone(archive), o))
+}
+
 /// Every pushed image is where it should be, with the archive's digest (read by skopeo).
 fn check_with_skopeo(reg: &Registry, report: &PushReport) {
     for (name, to, digest) in &report.images {
@@ -197,13 +207,7 @@ fn push_repush_and_pull_in_every_mode() {
         let host = reg.host();
         let c = client(&reg, &host, reg.credentials());
         let rt = rt();
-        let first = rt
-            .block_on(bundle_oci::push::push(
-                &c,
-                Arc::clone(&archive),
-                &opts(&host, 1 << 20, 4),
-            ))
-            .unwrap();
+        let first = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 4)).unwrap();
         assert_eq!(first.images.len(), 4, "{mode:?}");
         assert!(
             first.uploaded > 0 && first.skipped == 0,
@@ -214,13 +218,7 @@ fn push_repush_and_pull_in_every_mode() {
         assert!(first.mounted > 0, "{mode:?}: {first:?}");
         check_with_skopeo(&reg, &first);
         // Re-push: nothing is uploaded again.
-        let again = rt
-            .block_on(bundle_oci::push::push(
-                &c,
-                Arc::clone(&archive),
-                &opts(&host, 1 << 20, 4),
-            ))
-            .unwrap();
+        let again = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 4)).unwrap();
         assert_eq!(
             (again.uploaded, again.mounted, again.bytes_sent),
             (0, 0, 0),
@@ -404,13 +402,7 @@ fn faults_from_a_proxy_do_not_stop_push_or_pull() {
     let host = proxy.host();
     let c = client(&reg, &host, None);
     let rt = rt();
-    let report = rt
-        .block_on(bundle_oci::push::push(
-            &c,
-            Arc::clone(&archive),
-            &opts(&host, 1 << 20, 2),
-        ))
-        .unwrap();
+    let report = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 2)).unwrap();
     assert!(proxy.faults() > 0, "the proxy injected nothing");
     assert!(c.stats().retries > 0);
     proxy.set_enabled(false);
@@ -460,13 +452,7 @@ fn registry_killed_mid_push_then_rerun_skips_what_arrived() {
     );
     reg.restart();
     let c = client(&reg, &host, None);
-    let second = rt
-        .block_on(bundle_oci::push::push(
-            &c,
-            Arc::clone(&archive),
-            &opts(&host, 1 << 20, 2),
-        ))
-        .unwrap();
+    let second = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 2)).unwrap();
     assert!(second.skipped >= 2, "{second:?}");
     assert!(second.bytes_sent < total, "re-sent everything: {second:?}");
     check_with_skopeo(&reg, &second);
@@ -483,13 +469,7 @@ fn blobs_a_killed_registry_left_half_linked_are_pushed_again() {
     let host = reg.host();
     let c = client(&reg, &host, None);
     let rt = rt();
-    let first = rt
-        .block_on(bundle_oci::push::push(
-            &c,
-            Arc::clone(&archive),
-            &opts(&host, 1 << 20, 2),
-        ))
-        .unwrap();
+    let first = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 2)).unwrap();
     let repos = reg.storage_dir().join("docker/registry/v2/repositories");
     let mut links = Vec::new();
     collect_named(&repos, "link", &mut links);
@@ -502,12 +482,7 @@ fn blobs_a_killed_registry_left_half_linked_are_pushed_again() {
         emptied += 1;
     }
     assert!(emptied > 0, "no layer links under {}", repos.display());
-    let again = rt
-        .block_on(bundle_oci::push::push(
-            &c,
-            Arc::clone(&archive),
-            &opts(&host, 1 << 20, 2),
-        ))
+    let again = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 2))
         .unwrap_or_else(|e| panic!("re-push over emptied links: {e}"));
     assert!(again.uploaded + again.mounted > 0, "{again:?}");
     check_with_skopeo(&reg, &again);
@@ -567,10 +542,7 @@ fn a_forged_frame_is_named_with_and_without_verify() {
             verify,
             ..opts(&host, 1 << 20, 2)
         };
-        let e = rt
-            .block_on(bundle_oci::push::push(&c, Arc::clone(&archive), &o))
-            .unwrap_err()
-            .to_string();
+        let e = push_all(&rt, &c, &archive, &o).unwrap_err().to_string();
         assert!(
             e.contains(&format!("frame {k} ")) && e.contains("sha256 mismatch"),
             "verify {verify}: {e}"
@@ -608,13 +580,7 @@ fn chunked_upload_survives_lost_chunk_responses() {
     let host = proxy.host();
     let c = client(&reg, &host, None);
     let rt = rt();
-    let report = rt
-        .block_on(bundle_oci::push::push(
-            &c,
-            Arc::clone(&archive),
-            &opts(&host, 8 << 20, 1),
-        ))
-        .unwrap();
+    let report = push_all(&rt, &c, &archive, &opts(&host, 8 << 20, 1)).unwrap();
     assert!(proxy.faults() >= 1);
     let size = 40u64 << 20;
     // distribution 2.8 signs the upload offset into its `_state` parameter, so once a chunk
