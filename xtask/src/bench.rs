@@ -175,66 +175,114 @@ impl Bench {
         make: &dyn Fn() -> Plan,
         side: Side<'_>,
     ) -> Result<Best> {
-        let mut best: Option<Best> = None;
+        let job = Job {
+            name,
+            prepare,
+            make,
+            side,
+        };
+        let mut best = None;
         for r in 1..=self.runs {
-            prepare()?;
-            // Flush earlier runs' dirty pages so that no run pays for another's writeback.
-            Command::new("sync").status().context("running sync")?;
-            let plan = make();
-            let pipeline =
-                |p: &Vec<Command>| p.iter().map(util::show).collect::<Vec<_>>().join(" | ");
-            // A sequence or a group of like commands shows its first.
-            let line = match &plan {
-                Plan::Steps(steps) => match steps.as_slice() {
-                    [one] => pipeline(one),
-                    [first, ..] => {
-                        format!("{} ; … ({} commands in all)", pipeline(first), steps.len())
-                    }
-                    [] => String::new(),
-                },
-                Plan::Parallel(cmds) => cmds.first().map_or_else(String::new, |c| {
-                    format!("{} & … ({} commands at once)", util::show(c), cmds.len())
-                }),
-            };
-            let side_before = side.and_then(|f| f());
-            let log = self.logs.join(format!("{name}.{r}"));
-            let m: Measured = match plan {
-                Plan::Steps(steps) => measure_steps(steps, &log)?,
-                Plan::Parallel(cmds) => measure_parallel(cmds, &log)?,
-            };
-            let side_cpu = match (side_before, side.and_then(|f| f())) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
-                _ => None,
-            };
-            self.cpu.set(self.cpu.get() + m.cpu());
-            let side_text = side_cpu.map_or_else(String::new, |c| {
-                format!(", registry CPU {:.2} s", c.as_secs_f64())
-            });
-            println!(
-                "  {name} run {r}/{}: {}, CPU {:.2} s{side_text}, peak RSS {}  ({line})",
-                self.runs,
-                secs(m.wall),
-                m.cpu().as_secs_f64(),
-                mib(m.max_rss())
-            );
-            let this = Best {
-                wall: m.wall,
-                rss: m.max_rss(),
-                side_cpu,
-            };
-            best = Some(match best {
-                None => this,
-                Some(b) if b.wall <= this.wall => Best {
-                    rss: b.rss.max(this.rss),
-                    ..b
-                },
-                Some(b) => Best {
-                    rss: b.rss.max(this.rss),
-                    ..this
-                },
-            });
+            best = Some(keep_best(best, self.run_once(&job, r)?));
         }
         best.ok_or_else(|| anyhow!("no runs"))
+    }
+
+    /// Measures two jobs (ours and a peer's) in alternation, run 1 of each, then run 2 of
+    /// each, and so on: a machine whose speed drifts over minutes then weighs on both alike.
+    /// A job whose run fails is not run again; the other goes on.
+    fn best_pair(&self, a: &Job<'_>, b: &Job<'_>) -> (Result<Best>, Result<Best>) {
+        let (mut best_a, mut best_b): (Result<Option<Best>>, Result<Option<Best>>) =
+            (Ok(None), Ok(None));
+        for r in 1..=self.runs {
+            for (job, best) in [(a, &mut best_a), (b, &mut best_b)] {
+                if let Ok(kept) = best {
+                    *best = self
+                        .run_once(job, r)
+                        .map(|this| Some(keep_best(kept.take(), this)));
+                }
+            }
+        }
+        let done = |b: Result<Option<Best>>| b.and_then(|b| b.ok_or_else(|| anyhow!("no runs")));
+        (done(best_a), done(best_b))
+    }
+
+    /// Run `r` of a job: prepares, syncs, measures, prints a line.
+    fn run_once(&self, job: &Job<'_>, r: u32) -> Result<Best> {
+        let Job {
+            name,
+            prepare,
+            make,
+            side,
+        } = *job;
+        prepare()?;
+        // Flush earlier runs' dirty pages so that no run pays for another's writeback.
+        Command::new("sync").status().context("running sync")?;
+        let plan = make();
+        let pipeline = |p: &Vec<Command>| p.iter().map(util::show).collect::<Vec<_>>().join(" | ");
+        // A sequence or a group of like commands shows its first.
+        let line = match &plan {
+            Plan::Steps(steps) => match steps.as_slice() {
+                [one] => pipeline(one),
+                [first, ..] => {
+                    format!("{} ; … ({} commands in all)", pipeline(first), steps.len())
+                }
+                [] => String::new(),
+            },
+            Plan::Parallel(cmds) => cmds.first().map_or_else(String::new, |c| {
+                format!("{} & … ({} commands at once)", util::show(c), cmds.len())
+            }),
+        };
+        let side_before = side.and_then(|f| f());
+        let log = self.logs.join(format!("{name}.{r}"));
+        let m: Measured = match plan {
+            Plan::Steps(steps) => measure_steps(steps, &log)?,
+            Plan::Parallel(cmds) => measure_parallel(cmds, &log)?,
+        };
+        let side_cpu = match (side_before, side.and_then(|f| f())) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        self.cpu.set(self.cpu.get() + m.cpu());
+        let side_text = side_cpu.map_or_else(String::new, |c| {
+            format!(", registry CPU {:.2} s", c.as_secs_f64())
+        });
+        println!(
+            "  {name} run {r}/{}: {}, CPU {:.2} s{side_text}, peak RSS {}  ({line})",
+            self.runs,
+            secs(m.wall),
+            m.cpu().as_secs_f64(),
+            mib(m.max_rss())
+        );
+        Ok(Best {
+            wall: m.wall,
+            rss: m.max_rss(),
+            side_cpu,
+        })
+    }
+}
+
+/// One measured job: how to prepare a run, what to run, and the serving process to charge.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    name: &'a str,
+    prepare: &'a dyn Fn() -> Result<()>,
+    make: &'a dyn Fn() -> Plan,
+    side: Side<'a>,
+}
+
+/// The faster of two runs, with the higher peak RSS of both.
+fn keep_best(best: Option<Best>, this: Best) -> Best {
+    match best {
+        None => this,
+        Some(b) if b.wall <= this.wall => Best {
+            rss: b.rss.max(this.rss),
+            ..b
+        },
+        Some(b) => Best {
+            rss: b.rss.max(this.rss),
+            ..this
+        },
     }
 }
 
@@ -711,8 +759,10 @@ pub fn run(args: &[String]) -> Result<()> {
         report,
         "- method: wall time is the best of {} runs, peak RSS the highest of them (ru_maxrss from wait4, \
          the largest process of a pipeline or sequence; it counts the file pages a process maps, too); \
-         the first run also warms the page cache; `sync` runs before every run; bundle fsyncs what it \
-         writes (create, extract), the peers do not unless said",
+         the first run also warms the page cache; `sync` runs before every run; create, push and pull \
+         alternate with their peers (ours, peer, ours, ...: push peer first), so that a drift of the \
+         machine's speed weighs on both; bundle fsyncs what it writes (create, extract), the peers do \
+         not unless said",
         opts.runs
     );
     for s in &sections {
@@ -785,18 +835,36 @@ fn local(cx: &Cx, sha: f64) -> Result<Section> {
     );
     let (x_ours, x_peer) = (p("extract-bundle"), p("extract-peer"));
 
-    let create = bench.best("create", &|| remove(&all_bundle), &|| {
-        bundle(&[&"create", &NO_AGENT, &"bundle.yaml", &"-o", &all_bundle])
-    });
-    let create_peer = bench.best("create-peer", &|| remove(&all_zst), &|| {
-        vec![
-            cmd("tar", &[&"-cf", &"-", &"-C", layout, &"."]),
-            cmd(
-                "zstd",
-                &[&"-T0", &"-3", &"-q", &"-f", &"-", &"-o", &all_zst],
-            ),
-        ]
-    });
+    let (create, create_peer) = bench.best_pair(
+        &Job {
+            name: "create",
+            prepare: &|| remove(&all_bundle),
+            make: &|| {
+                Plan::Steps(vec![bundle(&[
+                    &"create",
+                    &NO_AGENT,
+                    &"bundle.yaml",
+                    &"-o",
+                    &all_bundle,
+                ])])
+            },
+            side: None,
+        },
+        &Job {
+            name: "create-peer",
+            prepare: &|| remove(&all_zst),
+            make: &|| {
+                Plan::Steps(vec![vec![
+                    cmd("tar", &[&"-cf", &"-", &"-C", layout, &"."]),
+                    cmd(
+                        "zstd",
+                        &[&"-T0", &"-3", &"-q", &"-f", &"-", &"-o", &all_zst],
+                    ),
+                ]])
+            },
+            side: None,
+        },
+    );
     // bundle fsyncs what it writes and the peer above does not; this variant tells how much
     // of the difference that is.
     let all_zst_fsync = p("all-fsync.tar.zst");
@@ -811,26 +879,38 @@ fn local(cx: &Cx, sha: f64) -> Result<Section> {
         .arg(&all_zst_fsync);
         vec![sh]
     });
-    let plain = bench.best("create-plain", &|| remove(&plain_bundle), &|| {
-        bundle(&[
-            &"create",
-            &NO_AGENT,
-            &"bundle-plain.yaml",
-            &"-o",
-            &plain_bundle,
-        ])
-    });
-    let plain_peer = bench.best("create-plain-peer", &|| remove(&plain_zst), &|| {
-        let mut tar = cmd("tar", &[&"-cf", &"-", &"-C", layout]);
-        tar.args(&plain_blobs);
-        vec![
-            tar,
-            cmd(
-                "zstd",
-                &[&"-T1", &"-3", &"-q", &"-f", &"-", &"-o", &plain_zst],
-            ),
-        ]
-    });
+    let (plain, plain_peer) = bench.best_pair(
+        &Job {
+            name: "create-plain",
+            prepare: &|| remove(&plain_bundle),
+            make: &|| {
+                Plan::Steps(vec![bundle(&[
+                    &"create",
+                    &NO_AGENT,
+                    &"bundle-plain.yaml",
+                    &"-o",
+                    &plain_bundle,
+                ])])
+            },
+            side: None,
+        },
+        &Job {
+            name: "create-plain-peer",
+            prepare: &|| remove(&plain_zst),
+            make: &|| {
+                let mut tar = cmd("tar", &[&"-cf", &"-", &"-C", layout]);
+                tar.args(&plain_blobs);
+                Plan::Steps(vec![vec![
+                    tar,
+                    cmd(
+                        "zstd",
+                        &[&"-T1", &"-3", &"-q", &"-f", &"-", &"-o", &plain_zst],
+                    ),
+                ]])
+            },
+            side: None,
+        },
+    );
     let have_archive = create.is_ok();
     cx.have_archive.set(have_archive);
     let skipped = || Err(anyhow!("skipped: bundle create failed"));
@@ -1119,7 +1199,44 @@ fn registry_group(cx: &Cx) -> Result<Section> {
         )]]
     };
 
-    let push = bench.best_steps("push", &fresh, &push_ours, side);
+    let push_peer_cmds = || -> Vec<Vec<Command>> {
+        let a = addr();
+        images
+            .iter()
+            .map(|i| {
+                // The bench's bundle.yaml names the layout relative to the data set.
+                let mut c = cmd(
+                    "skopeo",
+                    &[
+                        &"copy",
+                        &"--dest-tls-verify=false",
+                        &"--preserve-digests",
+                        &"--all",
+                        &format!("oci:layout:{}", i.layout_tag),
+                        &format!("docker://{a}/{}", i.path),
+                    ],
+                );
+                c.current_dir(&cx.data);
+                vec![c]
+            })
+            .collect()
+    };
+    // In alternation, the peer first: the registry of our last run serves the re-push and
+    // the pulls.
+    let (push_peer, push) = bench.best_pair(
+        &Job {
+            name: "push-peer",
+            prepare: &fresh,
+            make: &|| Plan::Steps(push_peer_cmds()),
+            side,
+        },
+        &Job {
+            name: "push",
+            prepare: &fresh,
+            make: &|| Plan::Steps(push_ours()),
+            side,
+        },
+    );
     let repush = if push.is_ok() {
         bench.best_steps("repush", &|| Ok(()), &push_ours, side)
     } else {
@@ -1139,82 +1256,52 @@ fn registry_group(cx: &Cx) -> Result<Section> {
         let written = std::fs::create_dir_all(&pull_dir)
             .and_then(|()| std::fs::write(&yaml, pull_yaml(&addr(), &images)))
             .with_context(|| format!("writing {}", yaml.display()));
-        let pull = written.and_then(|()| {
-            bench.best_steps(
-                "pull",
-                &|| {
-                    for p in [&pull_cache, &pull_bundle, &pull_lock] {
-                        remove(p)?;
-                    }
-                    std::fs::create_dir_all(&pull_cache)
-                        .with_context(|| format!("creating {}", pull_cache.display()))
-                },
-                &|| {
-                    let a = addr();
-                    vec![vec![cx.bundle(
-                        &pull_dir,
-                        &[
-                            &"create",
-                            &NO_AGENT,
-                            &"pull.yaml",
-                            &"-o",
-                            &"pull.bundle",
-                            &"--cache",
-                            &"cache",
-                            &"--insecure-registry",
-                            &a,
-                        ],
-                    )]]
-                },
-                side,
-            )
-        });
-        let pull_peer = bench.best_steps(
-            "pull-peer",
-            &|| remove(&pull_oci),
-            &|| {
+        let pull = Job {
+            name: "pull",
+            prepare: &|| {
+                for p in [&pull_cache, &pull_bundle, &pull_lock] {
+                    remove(p)?;
+                }
+                std::fs::create_dir_all(&pull_cache)
+                    .with_context(|| format!("creating {}", pull_cache.display()))
+            },
+            make: &|| {
                 let a = addr();
-                skopeo_pulls(cx, &a, &images)
+                Plan::Steps(vec![vec![cx.bundle(
+                    &pull_dir,
+                    &[
+                        &"create",
+                        &NO_AGENT,
+                        &"pull.yaml",
+                        &"-o",
+                        &"pull.bundle",
+                        &"--cache",
+                        &"cache",
+                        &"--insecure-registry",
+                        &a,
+                    ],
+                )]])
             },
             side,
-        );
-        (pull, pull_peer)
+        };
+        let pull_peer = Job {
+            name: "pull-peer",
+            prepare: &|| remove(&pull_oci),
+            make: &|| Plan::Steps(skopeo_pulls(cx, &addr(), &images)),
+            side,
+        };
+        match written {
+            Ok(()) => bench.best_pair(&pull, &pull_peer),
+            Err(e) => {
+                let peer = bench.best_plan(pull_peer.name, pull_peer.prepare, pull_peer.make, side);
+                (Err(e), peer)
+            }
+        }
     } else {
         let skip = || Err(anyhow!("skipped: bundle push failed"));
         (skip(), skip())
     };
     let pulled_bytes = disk_bytes(&pull_bundle);
-    let stopped = stop();
-
-    let push_peer = stopped.and_then(|()| {
-        bench.best_steps(
-            "push-peer",
-            &fresh,
-            &|| {
-                let a = addr();
-                images
-                    .iter()
-                    .map(|i| {
-                        // The bench's bundle.yaml names the layout relative to the data set.
-                        let mut c = cmd(
-                            "skopeo",
-                            &[
-                                &"copy",
-                                &"--dest-tls-verify=false",
-                                &"--preserve-digests",
-                                &"--all",
-                                &format!("oci:layout:{}", i.layout_tag),
-                                &format!("docker://{a}/{}", i.path),
-                            ],
-                        );
-                        c.current_dir(&cx.data);
-                        vec![c]
-                    })
-                    .collect()
-            },
-            side,
-        )
-    });
     let stopped = stop();
     for p in [&pull_dir, &pull_oci, &reg_root] {
         remove(p)?;
