@@ -1525,20 +1525,51 @@ fn serve_group(cx: &Cx, statics: Result<Statics>) -> Result<Section> {
         )
     };
 
-    let (serve_seq, serve_seq_use) = round(serve(1), &|srv| {
-        sequential("serve-pull", srv.addr(), &|| srv.cpu())
-    });
+    // The target row: `bundle serve` and the peer both up, their pulls in alternation.
+    let ((serve_seq, serve_seq_use), (peer_seq, peer_seq_use)) = match (serve(1), &mut reg) {
+        (Ok(srv), Ok(r)) => {
+            let (ours, peer) = {
+                let (srv_cpu, reg_cpu) = (|| srv.cpu(), || r.cpu());
+                let (srv_addr, reg_addr) = (srv.addr().to_owned(), r.addr());
+                let prepare = || remove(&cx.out.join(PULL_OCI));
+                bench.best_pair(
+                    &Job {
+                        name: "serve-pull",
+                        prepare: &prepare,
+                        make: &|| Plan::Steps(skopeo_pulls(cx, &srv_addr, &images)),
+                        side: Some(&srv_cpu),
+                    },
+                    &Job {
+                        name: "serve-pull-peer",
+                        prepare: &prepare,
+                        make: &|| Plan::Steps(skopeo_pulls(cx, &reg_addr, &images)),
+                        side: Some(&reg_cpu),
+                    },
+                )
+            };
+            (
+                (ours, stopped(srv.stop())),
+                (peer, stopped(r.restart(&log("serve-registry.2.log")))),
+            )
+        }
+        (Err(e), Ok(r)) => {
+            let m = sequential("serve-pull-peer", &r.addr(), &|| r.cpu());
+            (
+                (Err(e), Err(anyhow!("skipped: the server did not start"))),
+                (m, stopped(r.restart(&log("serve-registry.2.log")))),
+            )
+        }
+        (srv, Err(e)) => (
+            round(srv, &|srv| {
+                sequential("serve-pull", srv.addr(), &|| srv.cpu())
+            }),
+            peer_failed(e),
+        ),
+    };
     let seq_bytes = disk_bytes(&cx.out.join(PULL_OCI));
     let (verify_seq, _) = round(serve_with(3, true), &|srv| {
         sequential("serve-verify-pull", srv.addr(), &|| srv.cpu())
     });
-    let (peer_seq, peer_seq_use) = match &mut reg {
-        Ok(r) => {
-            let m = sequential("serve-pull-peer", &r.addr(), &|| r.cpu());
-            (m, stopped(r.restart(&log("serve-registry.2.log"))))
-        }
-        Err(e) => peer_failed(e),
-    };
 
     let (serve_par, serve_par_use) = round(serve(2), &|srv| {
         parallel("serve-pull-parallel", srv.addr(), &|| srv.cpu())
@@ -1643,7 +1674,8 @@ fn serve_group(cx: &Cx, statics: Result<Statics>) -> Result<Section> {
         "serve rows: `bundle serve all.bundle --listen 127.0.0.1:0`, and `bundle-agent registry` \
          (the release build, not the static one) on storage filled by `bundle push`, against {peer} \
          (filesystem storage on the same disk, log level error) holding the same images through \
-         `bundle push` (not measured); skopeo pulls into fresh OCI layouts each run; \
+         `bundle push` (not measured); skopeo pulls into fresh OCI layouts each run; the pulls one \
+         after another alternate between `bundle serve` and {peer}, both up; \
          {PARALLEL_PULLS} pulls at once: pull K takes image K mod {n} into a layout of its own; each \
          server serves one round and stops on SIGTERM ({peer}: SIGKILL, restarted on the same \
          storage between rounds), and its peak RSS is wait4's for that round; registry CPU is the \
