@@ -535,6 +535,15 @@ fn registry_error(namespace: &str, e: bundle_oci::Error) -> Error {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The node ports a Service holds.
+fn node_ports(svc: &Service) -> Vec<i32> {
+    svc.spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter_map(|p| p.node_port)
+        .collect()
+}
+
 async fn seed_registry(
     client: &Client,
     archive: &Archive,
@@ -582,11 +591,18 @@ async fn seed_registry(
         }
     };
     // The services first: kube-proxy needs a moment to program a new NodePort, which it
-    // gets while the ConfigMaps go up and the injector starts.
-    let inj_svc = objects::node_port_service(INJECTOR, "injector", 0, archive_id)?;
-    cluster::ensure(&services, Some(ns), &inj_svc).await?;
+    // gets while the ConfigMaps go up and the injector starts. The registry's fixed port is
+    // taken before the injector's is allocated, so that the allocator cannot hand it to the
+    // injector; an injector Service an earlier run left on that port is made again.
+    if let Some(old) = cluster::get(&services, Some(ns), INJECTOR).await?
+        && node_ports(&old).contains(&i32::from(opts.node_port))
+    {
+        cluster::delete(&services, Some(ns), INJECTOR).await?;
+    }
     let reg_svc = objects::node_port_service(REGISTRY, "registry", opts.node_port, archive_id)?;
     cluster::ensure(&services, Some(ns), &reg_svc).await?;
+    let inj_svc = objects::node_port_service(INJECTOR, "injector", 0, archive_id)?;
+    cluster::ensure(&services, Some(ns), &inj_svc).await?;
 
     // 2. ConfigMaps, in parallel, skipping those an earlier run made; then the injector pod.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);

@@ -375,7 +375,8 @@ async fn fresh_deploy_seeds_pushes_switches_to_its_own_image_and_cleans_up() -> 
         }
         assert_eq!(mounted, seed_names(&seed));
 
-        // Services: the injector's with a port the cluster picks, the registry's on 31999.
+        // Services: the registry's on 31999 first (so the cluster cannot give that port to the
+        // injector, as a real one did once), then the injector's with a port the cluster picks.
         let services: Vec<Service> = created(s, "services", 0)?;
         let svc_ports: Vec<(String, Option<i32>)> = services
             .iter()
@@ -392,8 +393,8 @@ async fn fresh_deploy_seeds_pushes_switches_to_its_own_image_and_cleans_up() -> 
         assert_eq!(
             svc_ports,
             [
-                ("bundle-injector".to_owned(), None),
-                ("bundle-registry".to_owned(), Some(31999))
+                ("bundle-registry".to_owned(), Some(31999)),
+                ("bundle-injector".to_owned(), None)
             ]
         );
 
