@@ -534,7 +534,6 @@ fn registry_error(namespace: &str, e: bundle_oci::Error) -> Error {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// The node ports a Service holds.
 fn node_ports(svc: &Service) -> Vec<i32> {
     svc.spec
@@ -544,6 +543,7 @@ fn node_ports(svc: &Service) -> Vec<i32> {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn seed_registry(
     client: &Client,
     archive: &Archive,
