@@ -507,6 +507,10 @@ pub async fn push(
             &img.media_type,
         )?);
     }
+    // Images go up in parallel: two that land on one reference would race for it.
+    if let Some(e) = shared_target(plans.iter().map(|p| (p.name.as_str(), &p.target, &p.root))) {
+        return Err(e);
+    }
     for n in &opts.images {
         if !archive.index().images.iter().any(|i| &i.name == n) {
             return Err(Error::Invalid(format!(
@@ -590,6 +594,27 @@ pub async fn push(
     Ok(report)
 }
 
+/// Two different images mapped onto the same target reference, named.
+fn shared_target<'a>(
+    plans: impl Iterator<Item = (&'a str, &'a Reference, &'a Digest)>,
+) -> Option<Error> {
+    let mut seen: BTreeMap<&Reference, (&str, &Digest)> = BTreeMap::new();
+    for (name, target, root) in plans {
+        match seen.get(target) {
+            Some((first, d)) if *d != root => {
+                return Some(Error::Invalid(format!(
+                    "{first} and {name} both map to {target}; change the --map rules so that \
+                     each image lands on a reference of its own"
+                )));
+            }
+            _ => {
+                seen.insert(target, (name, root));
+            }
+        }
+    }
+    None
+}
+
 /// Puts an image's manifests in plan order, skipping each the registry already holds under
 /// the same reference with the same digest (a re-push then writes nothing). Returns how many
 /// were put and how many were there.
@@ -623,6 +648,23 @@ async fn put_manifests(client: &Client, archive: &Archive, p: &ImagePlan) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_images_on_one_reference_are_refused() {
+        let t: Reference = "127.0.0.1:5000/team/app:1.0".parse().unwrap();
+        let u: Reference = "127.0.0.1:5000/team/app:2.0".parse().unwrap();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        assert!(shared_target([("x", &t, &a), ("y", &u, &b)].into_iter()).is_none());
+        // The same image under two names is fine.
+        assert!(shared_target([("x", &t, &a), ("y", &t, &a)].into_iter()).is_none());
+        let e = shared_target([("x", &t, &a), ("y", &u, &b), ("z", &t, &b)].into_iter())
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("x and z both map to 127.0.0.1:5000/team/app:1.0"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn default_and_mapped_names() {
