@@ -472,25 +472,18 @@ impl Archive {
         self.decompress_bytes(frame, c, out)
     }
 
-    /// Decompresses a frame into `out` (cleared first) without hashing its compressed bytes;
-    /// zstd still checks the frame's XXH64 content checksum, and its size is checked. For
-    /// readers whose receiver checks the content against its digest (push to a registry),
-    /// which then call [`Archive::check_frame`] only when the receiver refused the content.
-    pub fn decompress_frame_unhashed(&self, frame: u32, out: &mut Vec<u8>) -> Result<()> {
-        let (slot, off, len) = self.locate(frame)?;
-        self.decompress_bytes(frame, &slot.data.bytes()[off..off + len], out)
-    }
-
     /// Hashes a frame's compressed bytes and checks them against the index, even when this
     /// `Archive` checked the frame before; the error names the frame, its member and file.
     pub fn check_frame(&self, frame: u32) -> Result<()> {
         self.frame_checked(frame, true).map(|_| ())
     }
 
-    /// Decompresses a frame into `out` (cleared first) for a long-running reader (a server):
-    /// checks the compressed bytes against the index's sha256 when `hash` is set (once per
-    /// `Archive`, as [`Archive::frame`]), then drops the frame's pages from this process, so
-    /// that serving a large archive keeps no file pages mapped. Decompression always checks
+    /// Decompresses a frame into `out` (cleared first) for a reader that passes over the
+    /// archive once or serves it for long (push, a server): checks the compressed bytes
+    /// against the index's sha256 when `hash` is set (once per `Archive`, as
+    /// [`Archive::frame`]), then drops the frame's pages from this process, so that no file
+    /// pages stay mapped. Without `hash`, a reader whose receiver checks the content's digest
+    /// calls [`Archive::check_frame`] when the receiver refused it. Decompression always checks
     /// the frame's own XXH64 content checksum, which every v1 frame carries.
     pub fn read_frame(&self, frame: u32, hash: bool, out: &mut Vec<u8>) -> Result<()> {
         let (slot, off, len) = self.locate(frame)?;

@@ -293,17 +293,12 @@ fn body_factory(
                 if tx.is_closed() {
                     return;
                 }
-                let read = if verify {
-                    archive.decompress_frame(frame, &mut buf.0)
-                } else {
-                    archive.decompress_frame_unhashed(frame, &mut buf.0)
-                };
-                if let Err(e) = read {
+                // Hashed only with `verify`; the frame's pages are dropped once read (one
+                // pass over the archive).
+                if let Err(e) = archive.read_frame(frame, verify, &mut buf.0) {
                     let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
                     return;
                 }
-                // One pass over the archive: drop the pages of frames already sent.
-                archive.release_frame(frame);
                 let n = range.len() as u64;
                 if tx
                     .blocking_send(Ok(Bytes::from_owner(buf).slice(range)))

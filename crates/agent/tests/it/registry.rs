@@ -769,14 +769,7 @@ fn it_writes_only_below_its_root() {
     for d in [&root, &cwd, &home, &tmp] {
         std::fs::create_dir(d).unwrap();
     }
-    let agent_args: Vec<&OsStr> = vec![
-        OsStr::new(env!("CARGO_BIN_EXE_bundle-agent")),
-        OsStr::new("registry"),
-        OsStr::new("--root"),
-        root.as_os_str(),
-        OsStr::new("--listen"),
-        OsStr::new("127.0.0.1:0"),
-    ];
+    let agent_args = registry_args(&root);
     let mut cmd = read_only_root(&root, &cwd, &agent_args).unwrap_or_else(|| {
         let mut c = Command::new(agent_args[0]);
         c.args(&agent_args[1..]);
@@ -956,14 +949,7 @@ exec "$@""#;
         matches!(probe, Ok(s) if s.success()),
         "this test needs `unshare --mount` and tmpfs mounts (root, as CI runs): {probe:?}"
     );
-    let mut agent = Agent::start(wrap(&[
-        OsStr::new(env!("CARGO_BIN_EXE_bundle-agent")),
-        OsStr::new("registry"),
-        OsStr::new("--root"),
-        root.as_os_str(),
-        OsStr::new("--listen"),
-        OsStr::new("127.0.0.1:0"),
-    ]));
+    let mut agent = Agent::start(wrap(&registry_args(&root)));
     let host = agent.host().to_owned();
     let out = push_cmd(&archive, &host, &[]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -979,4 +965,16 @@ exec "$@""#;
     agent.assert_running();
     let (status, _) = get_json(&host, "/v2/");
     assert_eq!(status, 200);
+}
+
+/// `bundle-agent registry --root ROOT --listen 127.0.0.1:0`, program first.
+fn registry_args(root: &Path) -> Vec<&OsStr> {
+    vec![
+        OsStr::new(env!("CARGO_BIN_EXE_bundle-agent")),
+        OsStr::new("registry"),
+        OsStr::new("--root"),
+        root.as_os_str(),
+        OsStr::new("--listen"),
+        OsStr::new("127.0.0.1:0"),
+    ]
 }
