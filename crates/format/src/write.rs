@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use serde::Serialize;
 use serde_bytes::ByteArray;
 
 use crate::index::{self, BlobEntry, FileEntry, Frame, Image, Index, Part, Trailer};
+use crate::sink::{self, Sink};
 use crate::{CHUNK, Digest, END_LEN, Error, Hasher, MAX_FRAME_COMPRESSED, Result, tar};
 
 /// Where a blob's bytes come from.
@@ -584,7 +584,7 @@ fn compress(data: &[u8], level: i32, frame: u32, out: &mut Vec<u8>) -> Result<()
 
 struct PartFile {
     tmp: PathBuf,
-    file: BufWriter<File>,
+    file: Sink,
     first_frame: u32,
     frames: u32,
     size: u64,
@@ -740,12 +740,11 @@ impl PartWriter<'_> {
         } else {
             self.out.to_owned()
         });
-        let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let file = Sink::create(&tmp, true, sink::STAGE).map_err(|e| Error::io(&tmp, e))?;
         self.guard.0.push(tmp.clone());
         self.parts.push(PartFile {
             tmp,
-            // Small: frames as large as the buffer bypass it rather than being copied into it.
-            file: BufWriter::with_capacity(64 << 10, file),
+            file,
             first_frame,
             frames: 0,
             size: 0,
@@ -794,12 +793,17 @@ impl PartWriter<'_> {
         part.size += csize;
         part.frames += 1;
         self.unsynced += csize;
+        // Direct writes are on their way to disk already; buffered ones are pushed there in
+        // the background.
         if self.unsynced >= SYNC_EVERY
+            && !part.file.is_direct()
             && let Some(syncer) = &self.syncer
         {
             self.unsynced = 0;
-            part.file.flush().map_err(|e| Error::io(&part.tmp, e))?;
-            if let Ok(f) = part.file.get_ref().try_clone() {
+            part.file
+                .flush_buffered()
+                .map_err(|e| Error::io(&part.tmp, e))?;
+            if let Ok(f) = part.file.try_clone() {
                 // A busy syncer just means this round is skipped.
                 let _ = syncer.try_send(f);
             }
@@ -981,11 +985,7 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
             },
         );
         p.file.write_all(&frame).map_err(|e| Error::io(&p.tmp, e))?;
-        let file = p
-            .file
-            .into_inner()
-            .map_err(|e| Error::io(&p.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&p.tmp, e))?;
+        p.file.finish().map_err(|e| Error::io(&p.tmp, e))?;
         size += p.size + frame.len() as u64;
     }
     for (tmp, fin) in guard.0.iter().zip(&finals) {

@@ -1,0 +1,214 @@
+//! Appending to a new part file around the page cache (`O_DIRECT`) where the filesystem
+//! allows it, through the page cache where it does not.
+//!
+//! Why: buffered writes copy every archive byte into freshly allocated page-cache pages, and
+//! create then fsyncs them anyway. On a 1 GB create that copy was about a sixth of the
+//! process's CPU (perf: `copy_folio_from_iter_atomic`); a direct write hands the device the
+//! staged bytes instead. Frames have any length, so they are staged in an aligned buffer and
+//! written in whole aligned blocks; the unaligned tail goes through the page cache at the end.
+//! Any refusal of direct IO (`EINVAL`: a filesystem without it, or one with a larger
+//! alignment) switches the file to buffered writes for good; nothing is lost or repeated
+//! because every write is positional.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Alignment of direct writes: memory address, file offset and length. 4 KiB satisfies the
+/// logical block size of every common device (512 or 4096).
+const ALIGN: usize = 4096;
+
+/// Bytes staged before one direct write.
+pub(crate) const STAGE: usize = 4 << 20;
+
+/// A part file being written from its start.
+pub(crate) struct Sink {
+    path: PathBuf,
+    /// Opened with `O_DIRECT` while `direct` holds, without it after.
+    file: File,
+    direct: bool,
+    /// `STAGE + ALIGN` bytes; the staged bytes start at the aligned offset `start`.
+    stage: Vec<u8>,
+    start: usize,
+    size: usize,
+    len: usize,
+    /// Bytes already written to the file.
+    written: u64,
+}
+
+impl Sink {
+    /// Creates (truncates) `path`, asking for direct IO when `direct` is set; `stage` bytes
+    /// (a multiple of 4 KiB) are gathered per write.
+    pub(crate) fn create(path: &Path, direct: bool, stage: usize) -> io::Result<Sink> {
+        let stage = stage.max(ALIGN) / ALIGN * ALIGN;
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let (file, direct) = match direct {
+            true => match open(libc::O_DIRECT) {
+                Ok(f) => (f, true),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
+                Err(e) => return Err(e),
+            },
+            false => (open(0)?, false),
+        };
+        let buf = vec![0u8; stage + ALIGN];
+        let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+        Ok(Sink {
+            path: path.to_owned(),
+            file,
+            direct,
+            stage: buf,
+            start,
+            size: stage,
+            len: 0,
+            written: 0,
+        })
+    }
+
+    /// Whether writes still bypass the page cache.
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Appends `bytes`.
+    pub(crate) fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(self.size - self.len);
+            let at = self.start + self.len;
+            self.stage[at..at + n].copy_from_slice(&bytes[..n]);
+            self.len += n;
+            bytes = &bytes[n..];
+            if self.len == self.size {
+                self.flush(self.size)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything staged so far (buffered writes only: a direct write waits for a
+    /// full stage), so that a background sync of the file covers it.
+    pub(crate) fn flush_buffered(&mut self) -> io::Result<()> {
+        if self.direct {
+            return Ok(());
+        }
+        self.flush(self.len)
+    }
+
+    /// A second handle on the file (for a background `sync_data`).
+    pub(crate) fn try_clone(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Writes the first `n` staged bytes (a multiple of `ALIGN` when direct) and keeps the
+    /// rest staged.
+    fn flush(&mut self, n: usize) -> io::Result<()> {
+        let staged = self.start..self.start + n;
+        match self
+            .file
+            .write_all_at(&self.stage[staged.clone()], self.written)
+        {
+            Ok(()) => {}
+            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                // Short direct writes that went through are kept (positional writes); the
+                // whole range is written again through the page cache.
+                self.buffered()?;
+                self.file.write_all_at(&self.stage[staged], self.written)?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.written += n as u64;
+        self.stage
+            .copy_within(self.start + n..self.start + self.len, self.start);
+        self.len -= n;
+        Ok(())
+    }
+
+    /// Reopens the file without `O_DIRECT`.
+    fn buffered(&mut self) -> io::Result<()> {
+        self.file = OpenOptions::new().write(true).open(&self.path)?;
+        self.direct = false;
+        Ok(())
+    }
+
+    /// Writes what is staged and syncs the file's data and metadata to disk.
+    pub(crate) fn finish(mut self) -> io::Result<File> {
+        if self.direct {
+            let whole = self.len / ALIGN * ALIGN;
+            if whole > 0 {
+                self.flush(whole)?;
+            }
+            if self.len > 0 {
+                self.buffered()?;
+            }
+        }
+        if self.len > 0 {
+            self.flush(self.len)?;
+        }
+        self.file.sync_all()?;
+        Ok(self.file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn write(path: &Path, direct: bool, stage: usize, pieces: &[Vec<u8>]) -> bool {
+        let mut sink = Sink::create(path, direct, stage).expect("create");
+        for p in pieces {
+            sink.write_all(p).expect("write");
+        }
+        let was_direct = sink.is_direct();
+        sink.finish().expect("finish");
+        was_direct
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Direct and buffered sinks give the file of the concatenated pieces, whatever the
+        /// piece and stage sizes.
+        #[test]
+        fn sinks_write_exactly_the_pieces(
+            pieces in proptest::collection::vec(
+                proptest::collection::vec(any::<u8>(), 0..20_000), 0..12),
+            stages in 1usize..5,
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let want: Vec<u8> = pieces.concat();
+            for direct in [true, false] {
+                let path = dir.path().join(format!("part-{direct}"));
+                write(&path, direct, stages * ALIGN, &pieces);
+                prop_assert_eq!(std::fs::read(&path).expect("read"), want.clone());
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_direct_write_goes_on_buffered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("part");
+        let mut sink = Sink::create(&path, true, 2 * ALIGN).expect("create");
+        let started_direct = sink.is_direct();
+        // Staged at a misaligned address, as a device with a larger alignment would find
+        // every write: the first direct write is refused with EINVAL.
+        sink.start += 1;
+        sink.write_all(&[1; 5000]).expect("write");
+        sink.write_all(&[2; 9000]).expect("write");
+        if started_direct {
+            assert!(!sink.is_direct(), "still direct after a refused write");
+        }
+        sink.finish().expect("finish");
+        let got = std::fs::read(&path).expect("read");
+        assert_eq!(got.len(), 14_000);
+        assert!(got[..5000].iter().all(|&b| b == 1));
+        assert!(got[5000..].iter().all(|&b| b == 2));
+    }
+}
