@@ -18,6 +18,13 @@ impl Digest {
         Digest(Sha256::digest(bytes).into())
     }
 
+    /// The digests of `a` and of `b`, computed together (faster than one after the other
+    /// where the CPU has SHA instructions: the two streams fill each other's pipeline gaps).
+    pub fn of_pair(a: &[u8], b: &[u8]) -> (Digest, Digest) {
+        let (x, y) = crate::sha_pair::digest_pair(a, b);
+        (Digest(x), Digest(y))
+    }
+
     /// Wraps raw sha256 output.
     pub fn from_bytes(bytes: [u8; 32]) -> Digest {
         Digest(bytes)

@@ -4,6 +4,7 @@ pub mod digest;
 pub mod error;
 pub mod index;
 pub mod read;
+mod sha_pair;
 mod sink;
 pub mod tar;
 pub mod write;

@@ -32,6 +32,10 @@ pub enum Content {
 /// A blob to store. Its content is hashed while it is written; a mismatch aborts the write.
 #[derive(Debug, Clone)]
 pub struct BlobInput {
+    /// The content was hashed to `digest` by this process just before (a download streamed
+    /// through a hasher into the cache), so the writer reads it without hashing it again.
+    /// Only a source that has just checked the very bytes it names may set this.
+    pub verified: bool,
     /// The digest the blob is named by.
     pub digest: Digest,
     /// Its length.
@@ -329,7 +333,10 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result
     let chunk = CHUNK as usize;
     for m in members {
         let size = m.size();
-        let mut hasher = Hasher::new();
+        let mut hasher = match m {
+            Member::Blob(b) if b.verified => None,
+            _ => Some(Hasher::new()),
+        };
         let mut buf = pool.take(chunk);
         let header = tar::header(&m.tar_path(), size);
         buf[..header.len()].copy_from_slice(&header);
@@ -342,7 +349,9 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result
                 && size - done >= chunk as u64
                 && let Some(map) = map_content(m, done, chunk, &mut open)
             {
-                hasher.update(&map);
+                if let Some(h) = &mut hasher {
+                    h.update(&map);
+                }
                 done += chunk as u64;
                 if !send(FrameData::Mapped(map)) {
                     return Ok(());
@@ -354,7 +363,9 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result
                 let n = ((chunk - len) as u64).min(size - done) as usize;
                 let part = &mut buf[len..len + n];
                 fill(m, part, done, &mut open)?;
-                hasher.update(part);
+                if let Some(h) = &mut hasher {
+                    h.update(part);
+                }
                 len += n;
                 done += n as u64;
             }
@@ -418,9 +429,9 @@ fn map_content(
     Some(map)
 }
 
-/// Checks a blob's content digest once all of it has been read.
-fn check_blob(m: &Member, hasher: Hasher) -> Result<()> {
-    let Member::Blob(b) = m else {
+/// Checks a blob's content digest once all of it has been read (unless it came verified).
+fn check_blob(m: &Member, hasher: Option<Hasher>) -> Result<()> {
+    let (Member::Blob(b), Some(hasher)) = (m, hasher) else {
         return Ok(());
     };
     let found = hasher.finish();
@@ -710,7 +721,7 @@ fn build_index(
 struct Compressed {
     frame: u32,
     bytes: Vec<u8>,
-    sha: [u8; 32],
+    sha: Digest,
     dsize: u32,
 }
 
@@ -788,7 +799,7 @@ impl PartWriter<'_> {
             part.size,
             csize as u32,
             c.dsize,
-            ByteArray::new(c.sha),
+            ByteArray::new(*c.sha.as_bytes()),
         ));
         part.size += csize;
         part.frames += 1;
@@ -812,9 +823,47 @@ impl PartWriter<'_> {
     }
 }
 
+/// Compresses one or two jobs and hashes their frames (together when two: see
+/// [`Digest::of_pair`]). Input buffers go back to `inputs`.
+fn compress_jobs(
+    first: Job,
+    second: Option<Job>,
+    level: i32,
+    inputs: &Pool,
+    outputs: &Pool,
+) -> Vec<Result<Compressed>> {
+    let mut done: Vec<Result<Compressed>> = [Some(first), second]
+        .into_iter()
+        .flatten()
+        .map(|job| {
+            let mut bytes = outputs.take(0);
+            let data = job.data.bytes();
+            let res = compress(data, level, job.frame, &mut bytes).map(|()| Compressed {
+                frame: job.frame,
+                bytes,
+                sha: Digest::from_bytes([0; 32]),
+                dsize: data.len() as u32,
+            });
+            if let FrameData::Buffer(buf, _) = job.data {
+                inputs.give(buf);
+            }
+            res
+        })
+        .collect();
+    match done.as_mut_slice() {
+        [Ok(a), Ok(b)] => (a.sha, b.sha) = Digest::of_pair(&a.bytes, &b.bytes),
+        slice => {
+            for c in slice.iter_mut().flatten() {
+                c.sha = Digest::of(&c.bytes);
+            }
+        }
+    }
+    done
+}
+
 /// Runs the pipeline: a reader thread cuts frames and checks blob digests; worker threads
-/// (as many as rayon would use) compress and hash frames; this thread puts the frames back in
-/// order and appends them to the parts, while a syncer thread flushes written data to disk
+/// (as many as rayon would use) compress and hash frames, two at a time when two wait; this
+/// thread puts the frames back in order and appends them to the parts, while a syncer thread flushes written data to disk
 /// in the background so that the final fsync is short.
 fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Result<()> {
     let workers = rayon::current_num_threads().max(1);
@@ -834,24 +883,19 @@ fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Resu
             let (inputs, outputs) = (&inputs, &outputs);
             s.spawn(move || {
                 loop {
-                    let next = match jrx.lock() {
-                        Ok(rx) => rx.recv(),
+                    // Two jobs when two are waiting: their frames are hashed together.
+                    let (first, second) = match jrx.lock() {
+                        Ok(rx) => match rx.recv() {
+                            Ok(job) => (job, rx.try_recv().ok()),
+                            Err(_) => return,
+                        },
                         Err(_) => return,
                     };
-                    let Ok(job) = next else { return };
-                    let mut bytes = outputs.take(0);
-                    let data = job.data.bytes();
-                    let res = compress(data, level, job.frame, &mut bytes).map(|()| Compressed {
-                        frame: job.frame,
-                        sha: *Digest::of(&bytes).as_bytes(),
-                        bytes,
-                        dsize: data.len() as u32,
-                    });
-                    if let FrameData::Buffer(buf, _) = job.data {
-                        inputs.give(buf);
-                    }
-                    if rtx.send(res).is_err() {
-                        return;
+                    let done = compress_jobs(first, second, level, inputs, outputs);
+                    for res in done {
+                        if rtx.send(res).is_err() {
+                            return;
+                        }
                     }
                 }
             });
