@@ -6,8 +6,8 @@
 //! process's CPU (perf: `copy_folio_from_iter_atomic`); a direct write hands the device the
 //! staged bytes instead. Frames have any length, so they are staged in an aligned buffer and
 //! written in whole aligned blocks; the unaligned tail goes through the page cache at the end.
-//! Any refusal of direct IO (`EINVAL`: a filesystem without it, or one with a larger
-//! alignment) switches the file to buffered writes for good; nothing is lost or repeated
+//! Any refusal of direct IO (`EINVAL` or `EOPNOTSUPP`: a filesystem without it, or one with
+//! a larger alignment) switches the file to buffered writes for good; nothing is lost or repeated
 //! because every write is positional.
 
 use std::fs::{File, OpenOptions};
@@ -51,10 +51,12 @@ impl Sink {
                 .open(path)
         };
         let (file, direct) = match direct {
+            // A filesystem may refuse the flag in its own way (EINVAL, EOPNOTSUPP, ...): the
+            // file is then opened plainly, and an error that also happens then is the one
+            // reported.
             true => match open(libc::O_DIRECT) {
                 Ok(f) => (f, true),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
-                Err(e) => return Err(e),
+                Err(_) => (open(0)?, false),
             },
             false => (open(0)?, false),
         };
@@ -115,7 +117,10 @@ impl Sink {
             .write_all_at(&self.stage[staged.clone()], self.written)
         {
             Ok(()) => {}
-            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e)
+                if self.direct
+                    && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) =>
+            {
                 // Short direct writes that went through are kept (positional writes); the
                 // whole range is written again through the page cache.
                 self.buffered()?;

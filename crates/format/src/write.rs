@@ -863,8 +863,9 @@ fn compress_jobs(
 
 /// Runs the pipeline: a reader thread cuts frames and checks blob digests; worker threads
 /// (as many as rayon would use) compress and hash frames, two at a time when two wait; this
-/// thread puts the frames back in order and appends them to the parts, while a syncer thread flushes written data to disk
-/// in the background so that the final fsync is short.
+/// thread puts the frames back in order and appends them to the parts (direct IO where it
+/// can), while a syncer thread flushes data written through the page cache to disk in the
+/// background so that the final fsync is short.
 fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Result<()> {
     let workers = rayon::current_num_threads().max(1);
     let (jtx, jrx) = mpsc::sync_channel::<Job>(workers * 2);
