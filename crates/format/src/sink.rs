@@ -81,6 +81,12 @@ impl Sink {
 
     /// Appends `bytes`.
     pub(crate) fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        if self.size == 0 {
+            // Parked: no stage any more, plain positional writes.
+            self.file.write_all_at(bytes, self.written)?;
+            self.written += bytes.len() as u64;
+            return Ok(());
+        }
         while !bytes.is_empty() {
             let n = bytes.len().min(self.size - self.len);
             let at = self.start + self.len;
@@ -142,20 +148,33 @@ impl Sink {
         Ok(())
     }
 
-    /// Writes what is staged and syncs the file's data and metadata to disk.
-    pub(crate) fn finish(mut self) -> io::Result<File> {
+    /// Writes everything staged (whole aligned blocks direct, the rest through the page
+    /// cache) and frees the stage: later writes (a part's index frame, once the next part is
+    /// open) go straight through the page cache. Keeps memory at one stage however many
+    /// parts a split archive has.
+    pub(crate) fn park(&mut self) -> io::Result<()> {
+        if self.size == 0 {
+            return Ok(());
+        }
         if self.direct {
             let whole = self.len / ALIGN * ALIGN;
             if whole > 0 {
                 self.flush(whole)?;
             }
-            if self.len > 0 {
-                self.buffered()?;
-            }
+            self.buffered()?;
         }
         if self.len > 0 {
             self.flush(self.len)?;
         }
+        self.stage = Vec::new();
+        self.size = 0;
+        self.start = 0;
+        Ok(())
+    }
+
+    /// Writes what is staged and syncs the file's data and metadata to disk.
+    pub(crate) fn finish(mut self) -> io::Result<File> {
+        self.park()?;
         self.file.sync_all()?;
         Ok(self.file)
     }
@@ -166,9 +185,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn write(path: &Path, direct: bool, stage: usize, pieces: &[Vec<u8>]) -> bool {
+    /// Writes the pieces, parking the sink before piece `park` (as a part is parked when
+    /// the next one opens).
+    fn write(path: &Path, direct: bool, stage: usize, pieces: &[Vec<u8>], park: usize) -> bool {
         let mut sink = Sink::create(path, direct, stage).expect("create");
-        for p in pieces {
+        for (i, p) in pieces.iter().enumerate() {
+            if i == park {
+                sink.park().expect("park");
+            }
             sink.write_all(p).expect("write");
         }
         let was_direct = sink.is_direct();
@@ -179,18 +203,19 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         /// Direct and buffered sinks give the file of the concatenated pieces, whatever the
-        /// piece and stage sizes.
+        /// piece and stage sizes, parked or not.
         #[test]
         fn sinks_write_exactly_the_pieces(
             pieces in proptest::collection::vec(
                 proptest::collection::vec(any::<u8>(), 0..20_000), 0..12),
             stages in 1usize..5,
+            park in 0usize..14,
         ) {
             let dir = tempfile::tempdir().expect("tempdir");
             let want: Vec<u8> = pieces.concat();
             for direct in [true, false] {
                 let path = dir.path().join(format!("part-{direct}"));
-                write(&path, direct, stages * ALIGN, &pieces);
+                write(&path, direct, stages * ALIGN, &pieces, park);
                 prop_assert_eq!(std::fs::read(&path).expect("read"), want.clone());
             }
         }

@@ -743,6 +743,9 @@ const SYNC_EVERY: u64 = 16 << 20;
 
 impl PartWriter<'_> {
     fn new_part(&mut self, first_frame: u32) -> Result<()> {
+        if let Some(prev) = self.parts.last_mut() {
+            prev.file.park().map_err(|e| Error::io(&prev.tmp, e))?;
+        }
         let n = self.parts.len();
         let tmp = tmp_name(&if self.split.is_some() {
             let mut s = self.out.as_os_str().to_owned();
