@@ -439,11 +439,16 @@ impl Archive {
         self.frame_checked(frame, false)
     }
 
-    fn frame_checked(&self, frame: u32, force: bool) -> Result<&[u8]> {
+    /// A frame's compressed bytes, unchecked, and the part file they are in.
+    fn raw_frame(&self, frame: u32) -> Result<(&Path, &[u8])> {
         let (slot, off, len) = self.locate(frame)?;
-        let bytes = &slot.data.bytes()[off..off + len];
+        Ok((&slot.path, &slot.data.bytes()[off..off + len]))
+    }
+
+    fn frame_checked(&self, frame: u32, force: bool) -> Result<&[u8]> {
+        let (path, bytes) = self.raw_frame(frame)?;
         if force || !self.checked.get(frame) {
-            self.check_sha256(frame, &slot.path, bytes)?;
+            self.check_sha256(frame, path, bytes)?;
         }
         Ok(bytes)
     }
@@ -490,10 +495,9 @@ impl Archive {
     /// calls [`Archive::check_frame`] when the receiver refused it. Decompression always checks
     /// the frame's own XXH64 content checksum, which every v1 frame carries.
     pub fn read_frame(&self, frame: u32, hash: bool, out: &mut Vec<u8>) -> Result<()> {
-        let (slot, off, len) = self.locate(frame)?;
-        let c = &slot.data.bytes()[off..off + len];
+        let (path, c) = self.raw_frame(frame)?;
         let read = if hash && !self.checked.get(frame) {
-            self.check_sha256(frame, &slot.path, c)
+            self.check_sha256(frame, path, c)
         } else {
             Ok(())
         };
@@ -685,15 +689,14 @@ impl Archive {
             }
             return Ok(n);
         };
-        let ((sa, oa, la), (sb, ob, lb)) = (self.locate(a)?, self.locate(b)?);
-        let (da, db) =
-            Digest::of_pair(&sa.data.bytes()[oa..oa + la], &sb.data.bytes()[ob..ob + lb]);
+        let ((pa, ba), (pb, bb)) = (self.raw_frame(a)?, self.raw_frame(b)?);
+        let (da, db) = Digest::of_pair(ba, bb);
         let checked = self
-            .expect_sha256(a, &sa.path, da)
-            .and_then(|()| self.expect_sha256(b, &sb.path, db));
+            .expect_sha256(a, pa, da)
+            .and_then(|()| self.expect_sha256(b, pb, db));
         self.release_frame(a);
         self.release_frame(b);
-        checked.map(|()| (la + lb) as u64)
+        checked.map(|()| (ba.len() + bb.len()) as u64)
     }
 
     /// Verifies every frame present against the index's sha256. With `deep`, also

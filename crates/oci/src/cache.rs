@@ -240,22 +240,31 @@ impl Spool {
     /// Writes what is gathered.
     async fn flush(&mut self) -> Result<()> {
         let chunks = std::mem::take(&mut self.chunks);
-        let (file, at) = (Arc::clone(&self.file), self.written);
+        let mut at = self.written;
         let n = self.gathered as u64;
         self.gathered = 0;
-        let done = tokio::task::spawn_blocking(move || {
-            let mut at = at;
+        self.blocking(move |file| {
             for c in &chunks {
                 file.write_all_at(c, at)?;
                 at += c.len() as u64;
             }
-            Ok::<(), std::io::Error>(())
+            Ok(())
         })
-        .await
-        .map_err(|e| Error::io(&self.path, std::io::Error::other(e.to_string())))?;
-        done.map_err(|e| Error::io(&self.path, e))?;
+        .await?;
         self.written += n;
         Ok(())
+    }
+
+    /// Runs `f` on the file in a blocking thread; its error names the file.
+    async fn blocking(
+        &self,
+        f: impl FnOnce(&std::fs::File) -> std::io::Result<()> + Send + 'static,
+    ) -> Result<()> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || f(&file))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     /// Drops everything written or gathered.
@@ -263,11 +272,7 @@ impl Spool {
         self.chunks.clear();
         self.gathered = 0;
         self.written = 0;
-        let file = Arc::clone(&self.file);
-        tokio::task::spawn_blocking(move || file.set_len(0))
-            .await
-            .map_err(|e| Error::io(&self.path, std::io::Error::other(e.to_string())))?
-            .map_err(|e| Error::io(&self.path, e))
+        self.blocking(|file| file.set_len(0)).await
     }
 }
 

@@ -98,12 +98,11 @@ pub async fn pull(
     });
     let name_owned = name.to_owned();
     let filter = platforms.to_vec();
-    let resolved = tokio::task::spawn_blocking(move || {
+    let mut resolved = tokio::task::spawn_blocking(move || {
         bundle_layout::resolve_remote(&name_owned, &root, source, &filter)
     })
     .await
     .map_err(|e| Error::Invalid(format!("pull of {reference}: {e}")))??;
-    let mut resolved = resolved;
     let repo = Repo::of(reference);
     let sem = Arc::new(Semaphore::new(jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
