@@ -22,6 +22,9 @@ fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Resul
     eprintln!("+ {program} {}", args.join(" "));
     let status = Command::new(program)
         .args(args)
+        // A clean CI build never reuses incremental state, and it is a quarter of the target
+        // directory; CI machines have run out of disk.
+        .env("CARGO_INCREMENTAL", "0")
         .envs(env.iter().copied())
         .current_dir(root)
         .status()
