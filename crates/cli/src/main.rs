@@ -349,71 +349,97 @@ fn create(
         version: 1,
         images: Vec::new(),
     };
-    let mut remote: Option<(
-        tokio::runtime::Runtime,
-        bundle_oci::Client,
-        bundle_oci::cache::BlobCache,
-    )> = None;
+    // Local sources resolve here, in order; registry images are pulled all at once below
+    // (one bound on downloads, shared blobs downloaded once).
+    let mut slots: Vec<Option<bundle_layout::Resolved>> = Vec::new();
+    let mut pulls: Vec<(usize, bundle_oci::Reference)> = Vec::new();
     for (i, img) in loaded.config.images.iter().enumerate() {
         let at = || format!("{}: images[{i}] ({})", yaml.display(), img.name);
-        let resolved = match &img.source {
+        match &img.source {
             Some(source) => {
                 let spec = SourceSpec::parse(source)
                     .with_context(|| format!("{}: images[{i}].source", yaml.display()))?
                     .relative_to(&loaded.base);
-                bundle_layout::resolve(&img.name, &spec, platforms).with_context(at)?
+                slots.push(Some(
+                    bundle_layout::resolve(&img.name, &spec, platforms).with_context(at)?,
+                ));
             }
             None => {
                 let reference: bundle_oci::Reference = img.name.parse().with_context(at)?;
-                let pinned = match (pulling.locked, old_lock.get(&img.name)) {
+                let target = match (pulling.locked, old_lock.get(&img.name)) {
                     (true, None) => bail!(
                         "{}: --locked, but {} has no entry in {}; run without --locked to pin it",
                         yaml.display(),
                         img.name,
                         lock_path.display()
                     ),
-                    (true, Some(d)) => Some(
+                    (true, Some(d)) => reference.with_digest(
                         d.parse::<bundle_format::Digest>()
                             .with_context(|| format!("{}: {}", lock_path.display(), img.name))?,
                     ),
-                    (false, _) => None,
+                    (false, _) => reference,
                 };
-                if remote.is_none() {
-                    let dir = pulling
-                        .cache
-                        .clone()
-                        .unwrap_or_else(bundle_oci::cache::default_dir);
-                    let cache = bundle_oci::cache::BlobCache::open(&dir)?;
-                    remote = Some((registry::runtime()?, pulling.registry.client()?, cache));
-                }
-                let Some((rt, client, cache)) = &remote else {
-                    unreachable!("set above")
-                };
-                let target = match pinned {
-                    Some(d) => reference.with_digest(d),
-                    None => reference.clone(),
-                };
-                let pulled = rt
-                    .block_on(bundle_oci::pull::pull(
-                        client,
-                        cache,
-                        &img.name,
-                        &target,
-                        platforms,
-                        pulling.registry.jobs,
-                    ))
-                    .with_context(at)?;
-                eprintln!(
-                    "pulled {} as {} ({} bytes downloaded)",
-                    target, pulled.pulled, pulled.downloaded
-                );
-                new_lock.images.push(config::LockEntry {
-                    name: img.name.clone(),
-                    digest: pulled.pulled.to_string(),
-                });
-                pulled.resolved
+                pulls.push((i, target));
+                slots.push(None);
             }
+        }
+    }
+    // Registry images: manifests and configs for all of them at once, then the layers download
+    // while the writer compresses the ones already in (in archive order).
+    let mut pulling_now = None;
+    if !pulls.is_empty() {
+        let dir = pulling
+            .cache
+            .clone()
+            .unwrap_or_else(bundle_oci::cache::default_dir);
+        let cache = bundle_oci::cache::BlobCache::open(&dir)?;
+        let puller =
+            bundle_oci::pull::Puller::new(pulling.registry.client()?, cache, pulling.registry.jobs);
+        let rt = registry::runtime()?;
+        let results = rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, target) in &pulls {
+                let (puller, name, target, platforms) = (
+                    puller.clone(),
+                    loaded.config.images[*i].name.clone(),
+                    target.clone(),
+                    platforms.to_vec(),
+                );
+                let i = *i;
+                tasks.spawn(async move { (i, puller.resolve(&name, &target, &platforms).await) });
+            }
+            let mut done = Vec::new();
+            while let Some(j) = tasks.join_next().await {
+                done.push(j.context("pull task")?);
+            }
+            done.sort_by_key(|(i, _)| *i);
+            anyhow::Ok(done)
+        })?;
+        let mut missing = Vec::new();
+        for ((i, result), (_, target)) in results.into_iter().zip(&pulls) {
+            let img = &loaded.config.images[i];
+            let r = result
+                .with_context(|| format!("{}: images[{i}] ({})", yaml.display(), img.name))?;
+            eprintln!(
+                "pulling {} as {} ({} of its blobs not cached)",
+                target,
+                r.pulled,
+                r.missing.len()
+            );
+            new_lock.images.push(config::LockEntry {
+                name: img.name.clone(),
+                digest: r.pulled.to_string(),
+            });
+            missing.extend(r.missing);
+            slots[i] = Some(r.resolved);
+        }
+        let downloads = {
+            let _in_runtime = rt.enter();
+            puller.start(missing)
         };
+        pulling_now = Some((rt, downloads));
+    }
+    for resolved in slots.into_iter().flatten() {
         for note in &resolved.notes {
             eprintln!("note: {note}");
         }
@@ -430,8 +456,19 @@ fn create(
         input.images.push(image.image);
         input.blobs.extend(image.blobs);
     }
-    let summary = bundle_format::write(&input, out, opts)
-        .with_context(|| format!("creating {}", out.display()))?;
+    let summary = bundle_format::write_arriving(
+        &input,
+        out,
+        opts,
+        pulling_now
+            .as_ref()
+            .map(|(_, d)| d as &dyn bundle_format::Arrivals),
+    )
+    .with_context(|| format!("creating {}", out.display()))?;
+    if let Some((rt, downloads)) = pulling_now {
+        let n = rt.block_on(downloads.finish())?;
+        eprintln!("downloaded {n} bytes");
+    }
     if !pulling.locked && !new_lock.images.is_empty() {
         new_lock.save(&lock_path)?;
     }

@@ -170,6 +170,15 @@ pub enum Error {
         /// Its digest.
         digest: Digest,
     },
+    /// A blob that was to arrive while the archive was written (a download) did not.
+    #[error("blob {digest} did not arrive")]
+    Arrival {
+        /// The blob.
+        digest: Digest,
+        /// Why (the download's error).
+        #[source]
+        cause: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Writer input breaks a rule.
     #[error("invalid input: {0}")]
     Input(String),

@@ -13,7 +13,10 @@ pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};
 pub use index::Index;
 pub use read::{Archive, BlobReader, VerifyReport};
-pub use write::{BlobInput, BundleInput, Content, ImageInput, WriteOptions, WriteSummary, write};
+pub use write::{
+    Arrivals, BlobInput, BundleInput, Content, ImageInput, WriteOptions, WriteSummary, write,
+    write_arriving,
+};
 
 /// Largest decompressed frame: 1 MiB − 8 KiB, a multiple of the tar block. Its zstd
 /// compress bound (1,044,448 bytes) stays under [`MAX_FRAME_COMPRESSED`].

@@ -46,6 +46,19 @@ pub struct BlobInput {
     pub content: Content,
 }
 
+/// Blobs that arrive while the archive is being written: a pull downloads into its cache while
+/// the blobs before are already being compressed ([`write_arriving`]).
+pub trait Arrivals: Sync {
+    /// Blocks until `blob`'s content can be read. `Ok(true)` when those very bytes were checked
+    /// against the digest on their way in, so the writer does not hash them again; `Ok(false)`
+    /// for content this source knows nothing of. Called once per distinct blob, in the order
+    /// the blobs are written (by digest).
+    fn wait(
+        &self,
+        blob: &BlobInput,
+    ) -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>>;
+}
+
 /// An image to list in the index and in `index.json`.
 #[derive(Debug, Clone)]
 pub struct ImageInput {
@@ -322,7 +335,12 @@ impl Pool {
 /// order. Hashes blob content as it is read: a blob that does not match its digest ends the
 /// stream with an error. Stops quietly when the receivers hang up. Frame buffers come from
 /// `pool` (all `CHUNK` bytes long; a job says how many of them are the frame).
-fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result<()> {
+fn produce(
+    members: &[Member],
+    arrivals: Option<&dyn Arrivals>,
+    tx: mpsc::SyncSender<Job>,
+    pool: &Pool,
+) -> Result<()> {
     let mut open: Option<(PathBuf, File)> = None;
     let mut frame: u32 = 0;
     let mut send = |data: FrameData| -> bool {
@@ -333,10 +351,17 @@ fn produce(members: &[Member], tx: mpsc::SyncSender<Job>, pool: &Pool) -> Result
     let chunk = CHUNK as usize;
     for m in members {
         let size = m.size();
-        let mut hasher = match m {
-            Member::Blob(b) if b.verified => None,
-            _ => Some(Hasher::new()),
+        let verified = match (m, arrivals) {
+            (Member::Blob(b), Some(a)) => {
+                a.wait(b).map_err(|cause| Error::Arrival {
+                    digest: b.digest,
+                    cause,
+                })? || b.verified
+            }
+            (Member::Blob(b), None) => b.verified,
+            (Member::File { .. }, _) => false,
         };
+        let mut hasher = (!verified).then(Hasher::new);
         let mut buf = pool.take(chunk);
         let header = tar::header(&m.tar_path(), size);
         buf[..header.len()].copy_from_slice(&header);
@@ -869,7 +894,12 @@ fn compress_jobs(
 /// thread puts the frames back in order and appends them to the parts (direct IO where it
 /// can), while a syncer thread flushes data written through the page cache to disk in the
 /// background so that the final fsync is short.
-fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Result<()> {
+fn pipeline(
+    members: &[Member],
+    arrivals: Option<&dyn Arrivals>,
+    level: i32,
+    writer: &mut PartWriter<'_>,
+) -> Result<()> {
     let workers = rayon::current_num_threads().max(1);
     let (jtx, jrx) = mpsc::sync_channel::<Job>(workers * 2);
     let jrx = std::sync::Arc::new(std::sync::Mutex::new(jrx));
@@ -878,7 +908,7 @@ fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Resu
     // Uncompressed frames go back to the reader, compressed ones to the workers.
     let (inputs, outputs) = (Pool::default(), Pool::default());
     std::thread::scope(|s| -> Result<()> {
-        let producer = s.spawn(|| produce(members, jtx, &inputs));
+        let producer = s.spawn(|| produce(members, arrivals, jtx, &inputs));
         for _ in 0..workers {
             // Each worker owns a handle on the job queue, so the queue closes (and the
             // producer stops) when the workers are gone.
@@ -949,6 +979,17 @@ fn pipeline(members: &[Member], level: i32, writer: &mut PartWriter<'_>) -> Resu
 /// Writes `input` as an archive at `out` (or `OUT.000`, `OUT.001`, ... when split).
 /// Nothing appears under a final name until every byte of it is written and synced.
 pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<WriteSummary> {
+    write_arriving(input, out, opts, None)
+}
+
+/// [`write`], with blobs that may still be arriving: before reading each blob, the writer waits
+/// for it with `arrivals`, so a pull compresses what it has while it downloads the rest.
+pub fn write_arriving(
+    input: &BundleInput,
+    out: &Path,
+    opts: &WriteOptions,
+    arrivals: Option<&dyn Arrivals>,
+) -> Result<WriteSummary> {
     if !(1..=22).contains(&opts.level) {
         return Err(Error::Input(format!(
             "zstd level {} is out of range 1..=22",
@@ -980,7 +1021,7 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
         syncer: None,
         unsynced: 0,
     };
-    pipeline(&members, opts.level, &mut writer)?;
+    pipeline(&members, arrivals, opts.level, &mut writer)?;
     let PartWriter {
         parts,
         frames,

@@ -1,10 +1,12 @@
-//! Pulls one image from its registry into the blob cache and returns it as writer input.
+//! Pulls images from their registries into the blob cache and returns them as writer input.
 //! Manifests, indexes and configs are fetched as the platform-aware walk of `bundle-layout`
 //! asks for them (so filtering behaves exactly as for local sources); layers then download
-//! in parallel, each verified before it enters the cache.
+//! in parallel, each verified before it enters the cache: either before [`pull`] returns, or
+//! while the archive writer compresses the blobs that are already in ([`Puller::start`]).
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
@@ -74,7 +76,8 @@ impl BlobSource for RemoteSource {
     }
 }
 
-/// Pulls `reference` as the bundle image `name`, keeping only `platforms` when given.
+/// Pulls `reference` as the bundle image `name`, keeping only `platforms` when given, with up
+/// to `jobs` downloads at once ([`Puller`] for several images at once).
 pub async fn pull(
     client: &Client,
     cache: &BlobCache,
@@ -83,69 +86,329 @@ pub async fn pull(
     platforms: &[Platform],
     jobs: usize,
 ) -> Result<Pulled> {
-    let top = client.get_manifest(reference).await?;
-    cache.put(&top.digest, &top.bytes)?;
-    let root = Root {
-        digest: top.digest,
-        size: top.bytes.len() as u64,
-        media_type: top.media_type.clone(),
-    };
-    let source = Arc::new(RemoteSource {
-        client: client.clone(),
-        cache: cache.clone(),
-        reference: reference.clone(),
-        handle: tokio::runtime::Handle::current(),
-    });
-    let name_owned = name.to_owned();
-    let filter = platforms.to_vec();
-    let mut resolved = tokio::task::spawn_blocking(move || {
-        bundle_layout::resolve_remote(&name_owned, &root, source, &filter)
-    })
-    .await
-    .map_err(|e| Error::Invalid(format!("pull of {reference}: {e}")))??;
-    let repo = Repo::of(reference);
-    let sem = Arc::new(Semaphore::new(jobs.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    for b in &resolved.blobs {
-        // In-memory blobs (an index rewritten by the platform filter) need no download.
-        if cache.has(&b.digest, b.size) || matches!(b.content, Content::Bytes(_)) {
-            continue;
+    Puller::new(client.clone(), cache.clone(), jobs)
+        .pull(name, reference, platforms)
+        .await
+}
+
+/// Pulls several images at once into one cache: one bound on downloads across all of them, and
+/// a blob that several images share is downloaded once (the others wait for it).
+#[derive(Clone)]
+pub struct Puller {
+    client: Client,
+    cache: BlobCache,
+    downloads: Arc<Semaphore>,
+    /// Per blob, a lock held while it downloads.
+    inflight: Arc<Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Blobs downloaded (so hashed as they streamed in) by this puller.
+    fetched: Arc<Mutex<HashSet<Digest>>>,
+}
+
+/// An image whose manifests and config are in the cache and whose layers may still need
+/// downloading ([`Puller::resolve`]).
+#[derive(Debug, Clone)]
+pub struct Resolution {
+    /// The image as writer input (blobs point into the cache, where some are yet to arrive).
+    pub resolved: Resolved,
+    /// The digest the reference resolved to in the registry (before any platform filter):
+    /// what the lock file pins.
+    pub pulled: Digest,
+    /// The blobs not in the cache yet.
+    pub missing: Vec<Missing>,
+}
+
+/// A blob to download: which repository has it.
+#[derive(Debug, Clone)]
+pub struct Missing {
+    /// A repository that holds it.
+    pub repo: Repo,
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Invalid("download table poisoned".into())
+}
+
+impl Puller {
+    /// A puller with up to `jobs` downloads at once.
+    pub fn new(client: Client, cache: BlobCache, jobs: usize) -> Puller {
+        Puller {
+            client,
+            cache,
+            downloads: Arc::new(Semaphore::new(jobs.max(1))),
+            inflight: Arc::default(),
+            fetched: Arc::default(),
         }
-        let (client, cache, repo, sem) = (
-            client.clone(),
-            cache.clone(),
-            repo.clone(),
-            Arc::clone(&sem),
+    }
+
+    /// Downloads `digest` unless cached or downloaded by another pull of this puller, holding
+    /// `permit` (or one taken once no other pull is downloading the same blob). Returns the
+    /// bytes this call downloaded.
+    async fn fetch(
+        &self,
+        m: &Missing,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<u64> {
+        let lock = Arc::clone(
+            self.inflight
+                .lock()
+                .map_err(poisoned)?
+                .entry(m.digest)
+                .or_default(),
         );
-        let (digest, size) = (b.digest, b.size);
-        tasks.spawn(async move {
-            let _permit = sem
+        let _one = lock.lock().await;
+        let _permit = match permit {
+            Some(p) => p,
+            None => Arc::clone(&self.downloads)
                 .acquire_owned()
                 .await
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-            cache
-                .fetch(&client, &repo, &digest, size)
-                .await
-                .map(|(_, n)| (digest, n))
-        });
-    }
-    let mut downloaded = top.bytes.len() as u64;
-    let mut hashed = std::collections::BTreeSet::new();
-    while let Some(j) = tasks.join_next().await {
-        let (digest, n) = j.map_err(|e| Error::Invalid(format!("download task: {e}")))??;
-        downloaded += n;
+                .map_err(|e| Error::Invalid(e.to_string()))?,
+        };
+        let (_, n) = self
+            .cache
+            .fetch(&self.client, &m.repo, &m.digest, m.size)
+            .await?;
         if n > 0 {
-            hashed.insert(digest);
+            self.fetched.lock().map_err(poisoned)?.insert(m.digest);
+        }
+        Ok(n)
+    }
+
+    /// Whether this puller downloaded `digest` (hashing it as it streamed into the cache).
+    fn was_fetched(&self, digest: &Digest) -> bool {
+        self.fetched.lock().is_ok_and(|f| f.contains(digest))
+    }
+
+    /// Fetches the manifests, indexes and configs of `reference` as the bundle image `name`
+    /// (keeping only `platforms` when given) and says which layers are not cached yet.
+    pub async fn resolve(
+        &self,
+        name: &str,
+        reference: &Reference,
+        platforms: &[Platform],
+    ) -> Result<Resolution> {
+        let (client, cache) = (&self.client, &self.cache);
+        let top = client.get_manifest(reference).await?;
+        cache.put(&top.digest, &top.bytes)?;
+        let root = Root {
+            digest: top.digest,
+            size: top.bytes.len() as u64,
+            media_type: top.media_type.clone(),
+        };
+        let source = Arc::new(RemoteSource {
+            client: client.clone(),
+            cache: cache.clone(),
+            reference: reference.clone(),
+            handle: tokio::runtime::Handle::current(),
+        });
+        let name_owned = name.to_owned();
+        let filter = platforms.to_vec();
+        let resolved = tokio::task::spawn_blocking(move || {
+            bundle_layout::resolve_remote(&name_owned, &root, source, &filter)
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("pull of {reference}: {e}")))??;
+        let repo = Repo::of(reference);
+        let missing = resolved
+            .blobs
+            .iter()
+            // In-memory blobs (an index rewritten by the platform filter) need no download.
+            .filter(|b| !matches!(b.content, Content::Bytes(_)) && !cache.has(&b.digest, b.size))
+            .map(|b| Missing {
+                repo: repo.clone(),
+                digest: b.digest,
+                size: b.size,
+            })
+            .collect();
+        Ok(Resolution {
+            resolved,
+            pulled: top.digest,
+            missing,
+        })
+    }
+
+    /// Pulls `reference` as the bundle image `name`, keeping only `platforms` when given:
+    /// [`Puller::resolve`], then every missing layer downloaded before it returns.
+    pub async fn pull(
+        &self,
+        name: &str,
+        reference: &Reference,
+        platforms: &[Platform],
+    ) -> Result<Pulled> {
+        let Resolution {
+            mut resolved,
+            pulled,
+            missing,
+        } = self.resolve(name, reference, platforms).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for m in missing {
+            let this = self.clone();
+            tasks.spawn(async move { this.fetch(&m, None).await });
+        }
+        let mut downloaded = 0;
+        while let Some(j) = tasks.join_next().await {
+            downloaded += j.map_err(|e| Error::Invalid(format!("download task: {e}")))??;
+        }
+        // What streamed through the hasher into the cache during this run is not hashed again
+        // by the writer (it was a fifth of a pull's CPU); blobs found in the cache are, as they
+        // are read.
+        for b in &mut resolved.blobs {
+            b.verified = self.was_fetched(&b.digest);
+        }
+        Ok(Pulled {
+            resolved,
+            pulled,
+            downloaded,
+        })
+    }
+
+    /// Starts downloading `missing` (repeats allowed) in the order an archive holds blobs (by
+    /// digest), on the current runtime, and returns at once: the returned [`Arrivals`] lets
+    /// the archive writer compress each blob as soon as it is in the cache.
+    ///
+    /// [`Arrivals`]: bundle_format::Arrivals
+    pub fn start(&self, missing: Vec<Missing>) -> Downloads {
+        let mut order: Vec<Missing> = Vec::new();
+        for m in missing {
+            if !order.iter().any(|o| o.digest == m.digest) {
+                order.push(m);
+            }
+        }
+        order.sort_by_key(|m| m.digest);
+        let board = Arc::new(Board::default());
+        if let Ok(mut states) = board.states.lock() {
+            for m in &order {
+                states.insert(m.digest, Arrival::Pending);
+            }
+        }
+        let (this, b) = (self.clone(), Arc::clone(&board));
+        let driver = tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for m in order {
+                // Permits are taken in archive order, so the writer's next blob is never
+                // queued behind later ones.
+                let Ok(permit) = Arc::clone(&this.downloads).acquire_owned().await else {
+                    break;
+                };
+                let (this, b) = (this.clone(), Arc::clone(&b));
+                tasks.spawn(async move {
+                    let (state, downloaded) = match this.fetch(&m, Some(permit)).await {
+                        Ok(n) => (Arrival::Done(this.was_fetched(&m.digest)), n),
+                        Err(e) => (Arrival::Failed(Some(e)), 0),
+                    };
+                    b.set(m.digest, state);
+                    downloaded
+                });
+            }
+            let mut downloaded = 0;
+            while let Some(j) = tasks.join_next().await {
+                downloaded += j.unwrap_or(0);
+            }
+            // A task that panicked left its blob pending: no writer may wait on it for ever.
+            b.fail_pending();
+            downloaded
+        });
+        Downloads {
+            cache: self.cache.clone(),
+            board,
+            driver: Some(driver),
         }
     }
-    // What streamed through the hasher into the cache moments ago is not hashed again by the
-    // writer (it was a fifth of a pull's CPU); blobs found in the cache are, as they are read.
-    for b in &mut resolved.blobs {
-        b.verified = hashed.contains(&b.digest);
+}
+
+/// Where a download stands.
+enum Arrival {
+    Pending,
+    /// In the cache; `true` when this run hashed it on the way in.
+    Done(bool),
+    /// Failed with this error (taken by the first wait).
+    Failed(Option<Error>),
+}
+
+#[derive(Default)]
+struct Board {
+    states: Mutex<HashMap<Digest, Arrival>>,
+    changed: std::sync::Condvar,
+}
+
+impl Board {
+    fn set(&self, digest: Digest, state: Arrival) {
+        if let Ok(mut states) = self.states.lock() {
+            states.insert(digest, state);
+        }
+        self.changed.notify_all();
     }
-    Ok(Pulled {
-        resolved,
-        pulled: top.digest,
-        downloaded,
-    })
+
+    fn fail_pending(&self) {
+        if let Ok(mut states) = self.states.lock() {
+            for s in states.values_mut() {
+                if matches!(s, Arrival::Pending) {
+                    *s = Arrival::Failed(None);
+                }
+            }
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// Downloads under way ([`Puller::start`]); as [`bundle_format::Arrivals`], it blocks the writer
+/// until the blob it needs is in the cache. Dropping it stops the downloads.
+pub struct Downloads {
+    cache: BlobCache,
+    board: Arc<Board>,
+    driver: Option<tokio::task::JoinHandle<u64>>,
+}
+
+impl Downloads {
+    /// Waits for every download to end and returns the bytes downloaded.
+    pub async fn finish(mut self) -> Result<u64> {
+        match self.driver.take() {
+            Some(d) => d
+                .await
+                .map_err(|e| Error::Invalid(format!("download task: {e}"))),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for Downloads {
+    fn drop(&mut self) {
+        if let Some(d) = &self.driver {
+            d.abort();
+        }
+    }
+}
+
+impl bundle_format::Arrivals for Downloads {
+    fn wait(
+        &self,
+        blob: &bundle_format::BlobInput,
+    ) -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        // Only the cache's copy is ours to vouch for; a local source of the same digest is
+        // read (and hashed) as it is.
+        let ours = matches!(&blob.content, Content::File { path, offset: 0 }
+            if *path == self.cache.path(&blob.digest));
+        if !ours {
+            return Ok(false);
+        }
+        let mut states = self.board.states.lock().map_err(poisoned)?;
+        loop {
+            match states.get_mut(&blob.digest) {
+                None => return Ok(false),
+                Some(Arrival::Done(verified)) => return Ok(*verified),
+                Some(Arrival::Failed(e)) => {
+                    return Err(match e.take() {
+                        Some(e) => Box::new(e),
+                        None => format!("the download of {} failed", blob.digest).into(),
+                    });
+                }
+                Some(Arrival::Pending) => {
+                    states = self.board.changed.wait(states).map_err(poisoned)?;
+                }
+            }
+        }
+    }
 }

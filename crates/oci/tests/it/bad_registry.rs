@@ -249,3 +249,135 @@ fn lies_and_damage_are_named_and_never_cached() {
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
     assert!(e.to_string().contains("absent/app:1"), "{e}");
 }
+
+/// The streaming pull of `bundle create`: layers download while the writer compresses those
+/// already in. Two images sharing a layer download it once; a damaged layer stops the write
+/// with the blob and repository named, leaving no archive and nothing unverified in the cache.
+#[test]
+fn streamed_pulls_share_downloads_and_stop_on_a_bad_blob() {
+    let shared = b"a layer both images carry".repeat(5000);
+    let own = b"a layer of the second image only".repeat(3000);
+    let (m1, c1) = image(&shared);
+    // The second image: the shared layer and one of its own.
+    let c2 = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"x":2}"#
+        .to_vec();
+    let layer = |l: &[u8]| {
+        format!(
+            r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}"#,
+            Digest::of(l),
+            l.len()
+        )
+    };
+    let m2 = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{},{}]}}"#,
+        Digest::of(&c2),
+        c2.len(),
+        layer(&shared),
+        layer(&own)
+    )
+    .into_bytes();
+    let mut routes = HashMap::new();
+    for (repo, m, c, layers) in [
+        ("one", &m1, &c1, vec![&shared]),
+        ("two", &m2, &c2, vec![&shared, &own]),
+    ] {
+        routes.insert(format!("/v2/{repo}/app/manifests/1"), ok(m, MANIFEST));
+        routes.insert(
+            format!("/v2/{repo}/app/blobs/{}", Digest::of(c)),
+            ok(c, "application/octet-stream"),
+        );
+        for l in layers {
+            routes.insert(
+                format!("/v2/{repo}/app/blobs/{}", Digest::of(l)),
+                ok(l, "application/octet-stream"),
+            );
+        }
+    }
+    // A third image whose layer comes back damaged.
+    let mut damaged = own.clone();
+    damaged[7] ^= 1;
+    let (m3, c3) = image(&own);
+    routes.insert("/v2/bad/app/manifests/1".into(), ok(&m3, MANIFEST));
+    routes.insert(
+        format!("/v2/bad/app/blobs/{}", Digest::of(&c3)),
+        ok(&c3, "application/octet-stream"),
+    );
+    routes.insert(
+        format!("/v2/bad/app/blobs/{}", Digest::of(&own)),
+        ok(&damaged, "application/octet-stream"),
+    );
+    let fake = Fake::start(routes);
+    let host = fake.host.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let create = |repos: &[&str], cache: &BlobCache, out: &std::path::Path| {
+        let puller = bundle_oci::pull::Puller::new(client(&host), cache.clone(), 2);
+        let mut input = bundle_format::BundleInput {
+            name: "streamed".into(),
+            version: "1".into(),
+            ..Default::default()
+        };
+        let mut missing = Vec::new();
+        for repo in repos {
+            let r: Reference = format!("{host}/{repo}/app:1").parse().unwrap();
+            let res = rt
+                .block_on(puller.resolve(&format!("x/{repo}:1"), &r, &[]))
+                .unwrap();
+            missing.extend(res.missing);
+            input.images.push(res.resolved.image);
+            input.blobs.extend(res.resolved.blobs);
+        }
+        let downloads = {
+            let _rt = rt.enter();
+            puller.start(missing)
+        };
+        let written = bundle_format::write_arriving(
+            &input,
+            out,
+            &bundle_format::WriteOptions::default(),
+            Some(&downloads),
+        );
+        (written, rt.block_on(downloads.finish()).unwrap())
+    };
+
+    let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
+    let out = dir.path().join("good.bundle");
+    let (written, downloaded) = create(&["one", "two"], &cache, &out);
+    written.unwrap();
+    // The shared layer once, the other layer once; configs came with the manifests.
+    assert_eq!(downloaded, (shared.len() + own.len()) as u64);
+    let archive = bundle_format::Archive::open(&out).unwrap();
+    archive.verify(true).unwrap();
+    assert_eq!(archive.index().images.len(), 2);
+    // Everything is cached now: a second run downloads nothing.
+    let again = dir.path().join("again.bundle");
+    let (written, downloaded) = create(&["one", "two"], &cache, &again);
+    written.unwrap();
+    assert_eq!(downloaded, 0);
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+
+    let cache = BlobCache::open(&dir.path().join("fresh")).unwrap();
+    let out = dir.path().join("bad.bundle");
+    let (written, _) = create(&["one", "bad"], &cache, &out);
+    let e = written.unwrap_err();
+    let od = Digest::of(&own);
+    let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ");
+    assert!(
+        matches!(&e, bundle_format::Error::Arrival { digest, .. } if *digest == od),
+        "{chain}"
+    );
+    assert!(chain.contains("bad/app") && chain.contains(&od.to_string()), "{chain}");
+    assert!(!out.exists(), "an archive was left at {}", out.display());
+    cache_is_clean(&cache, &od);
+}
