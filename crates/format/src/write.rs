@@ -287,6 +287,15 @@ fn plan(input: &BundleInput) -> Result<Vec<Member>> {
 struct Job {
     frame: u32,
     data: FrameData,
+    /// Compress literals as zstd's level would; `false` for a frame of already compressed
+    /// content (spec section 4).
+    literals: bool,
+}
+
+/// Whether content starting with `start` is already compressed (gzip or zstd), so that its
+/// frames after the first are compressed without Huffman-coded literals (spec section 4).
+fn precompressed(start: &[u8]) -> bool {
+    start.starts_with(&[0x1f, 0x8b]) || start.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
 }
 
 /// Where a frame's uncompressed bytes are.
@@ -343,8 +352,12 @@ fn produce(
 ) -> Result<()> {
     let mut open: Option<(PathBuf, File)> = None;
     let mut frame: u32 = 0;
-    let mut send = |data: FrameData| -> bool {
-        let job = Job { frame, data };
+    let mut send = |data: FrameData, literals: bool| -> bool {
+        let job = Job {
+            frame,
+            data,
+            literals,
+        };
         frame += 1;
         tx.send(job).is_ok()
     };
@@ -368,6 +381,10 @@ fn produce(
         let mut len = header.len();
         let mut done: u64 = 0;
         let mut pad_left = (tar::padded(size) - size) as usize;
+        // The first frame (tar header and the content's start) is compressed as zstd's level
+        // says; the frames after it without literal coding when the content is compressed.
+        let mut literals = true;
+        let mut first = true;
         loop {
             // A whole frame of file content is mapped, not copied.
             if len == 0
@@ -378,7 +395,7 @@ fn produce(
                     h.update(&map);
                 }
                 done += chunk as u64;
-                if !send(FrameData::Mapped(map)) {
+                if !send(FrameData::Mapped(map), literals) {
                     return Ok(());
                 }
                 continue;
@@ -388,6 +405,9 @@ fn produce(
                 let n = ((chunk - len) as u64).min(size - done) as usize;
                 let part = &mut buf[len..len + n];
                 fill(m, part, done, &mut open)?;
+                if first && matches!(m, Member::Blob(_)) && done == 0 {
+                    literals = !precompressed(part);
+                }
                 if let Some(h) = &mut hasher {
                     h.update(part);
                 }
@@ -403,21 +423,22 @@ fn produce(
             let last = done == size && pad_left == 0;
             if last {
                 check_blob(m, hasher)?;
-                if !send(FrameData::Buffer(buf, len)) {
+                if !send(FrameData::Buffer(buf, len), literals || first) {
                     return Ok(());
                 }
                 break;
             }
             if len == chunk {
                 let full = std::mem::replace(&mut buf, pool.take(chunk));
-                if !send(FrameData::Buffer(full, len)) {
+                if !send(FrameData::Buffer(full, len), literals || first) {
                     return Ok(());
                 }
+                first = false;
                 len = 0;
             }
         }
     }
-    send(FrameData::Buffer(vec![0u8; END_LEN], END_LEN));
+    send(FrameData::Buffer(vec![0u8; END_LEN], END_LEN), true);
     Ok(())
 }
 
@@ -531,6 +552,11 @@ mod cctx {
     /// `ZSTD_c_blockSplitterLevel` (`ZSTD_c_experimentalParam20` in zstd 1.5.7).
     const BLOCK_SPLITTER_LEVEL: sys::ZSTD_cParameter =
         sys::ZSTD_cParameter::ZSTD_c_experimentalParam20;
+    /// `ZSTD_c_literalCompressionMode` (`ZSTD_c_experimentalParam5`).
+    const LITERAL_COMPRESSION_MODE: sys::ZSTD_cParameter =
+        sys::ZSTD_cParameter::ZSTD_c_experimentalParam5;
+    /// `ZSTD_ps_disable`: literals are stored, not Huffman-coded.
+    const PS_DISABLE: i32 = 2;
 
     pub(super) struct Cctx(NonNull<sys::ZSTD_CCtx>);
 
@@ -549,7 +575,8 @@ mod cctx {
     }
 
     impl Cctx {
-        pub(super) fn new(level: i32) -> Result<Cctx, String> {
+        /// A context for `level`; with `literals` false, literals are stored uncoded.
+        pub(super) fn new(level: i32, literals: bool) -> Result<Cctx, String> {
             // SAFETY: no preconditions; null means out of memory.
             let ptr = unsafe { sys::ZSTD_createCCtx() };
             let cctx = Cctx(NonNull::new(ptr).ok_or("cannot allocate a zstd context")?);
@@ -560,7 +587,10 @@ mod cctx {
                 // 1: blocks are never split before compression (zstd 1.5.7 would at every
                 // level); see spec section 4.
                 (BLOCK_SPLITTER_LEVEL, 1),
-            ] {
+            ]
+            .into_iter()
+            .chain((!literals).then_some((LITERAL_COMPRESSION_MODE, PS_DISABLE)))
+            {
                 // SAFETY: the context is valid until dropped.
                 check(unsafe { sys::ZSTD_CCtx_setParameter(cctx.0.as_ptr(), param, value) })?;
             }
@@ -599,22 +629,32 @@ mod cctx {
 }
 
 thread_local! {
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, cctx::Cctx)>> =
-        const { std::cell::RefCell::new(None) };
+    /// This thread's contexts, by level and literal coding.
+    static COMPRESSORS: std::cell::RefCell<Vec<(i32, bool, cctx::Cctx)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Compresses `data` into `out` (cleared first; its capacity is reused).
-fn compress(data: &[u8], level: i32, frame: u32, out: &mut Vec<u8>) -> Result<()> {
+/// Compresses `data` into `out` (cleared first; its capacity is reused), with Huffman-coded
+/// literals unless `literals` is false.
+fn compress(data: &[u8], level: i32, literals: bool, frame: u32, out: &mut Vec<u8>) -> Result<()> {
     let err = |message: String| Error::Compress { frame, message };
-    COMPRESSOR.with(|c| {
+    COMPRESSORS.with(|c| {
         let mut c = c.borrow_mut();
-        if !matches!(&*c, Some((l, _)) if *l == level) {
-            *c = Some((level, cctx::Cctx::new(level).map_err(err)?));
-        }
-        let Some((_, z)) = c.as_mut() else {
-            unreachable!()
+        let at = match c
+            .iter()
+            .position(|(l, lit, _)| *l == level && *lit == literals)
+        {
+            Some(at) => at,
+            None => {
+                c.push((
+                    level,
+                    literals,
+                    cctx::Cctx::new(level, literals).map_err(err)?,
+                ));
+                c.len() - 1
+            }
         };
-        z.compress(data, out).map_err(err)
+        c[at].2.compress(data, out).map_err(err)
     })
 }
 
@@ -866,12 +906,13 @@ fn compress_jobs(
         .map(|job| {
             let mut bytes = outputs.take(0);
             let data = job.data.bytes();
-            let res = compress(data, level, job.frame, &mut bytes).map(|()| Compressed {
-                frame: job.frame,
-                bytes,
-                sha: Digest::from_bytes([0; 32]),
-                dsize: data.len() as u32,
-            });
+            let res =
+                compress(data, level, job.literals, job.frame, &mut bytes).map(|()| Compressed {
+                    frame: job.frame,
+                    bytes,
+                    sha: Digest::from_bytes([0; 32]),
+                    dsize: data.len() as u32,
+                });
             if let FrameData::Buffer(buf, _) = job.data {
                 inputs.give(buf);
             }
@@ -1132,7 +1173,7 @@ mod tests {
     fn full_frame_bytes_are_pinned() {
         let data = sample();
         let mut out = Vec::new();
-        compress(&data, 3, 0, &mut out).unwrap();
+        compress(&data, 3, true, 0, &mut out).unwrap();
         assert_eq!(
             (out.len(), Digest::of(&out).to_string().as_str()),
             (
@@ -1141,5 +1182,84 @@ mod tests {
             ),
             "the bytes of a full frame changed: see spec/format-v1.md sections 4 and 9"
         );
+        // The same frame with literals stored uncoded (a frame of a gzip or zstd blob).
+        compress(&data, 3, false, 0, &mut out).unwrap();
+        assert_eq!(
+            (out.len(), Digest::of(&out).to_string().as_str()),
+            (
+                577_976,
+                "sha256:3a52dc63914b5f07a6ee0a6aa3f61ccd7be9b884674727a03f745e13eaf65c01"
+            ),
+            "the bytes of a full frame without literal coding changed: see spec/format-v1.md \
+             sections 4 and 9"
+        );
+    }
+
+    /// Frames of a blob whose content starts with the gzip or zstd magic are compressed
+    /// without literal coding, all but the first (tar header and content start); any other
+    /// blob's frames with it.
+    #[test]
+    fn precompressed_blobs_store_literals_after_their_first_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = CHUNK as usize;
+        let blob_of = |magic: &[u8]| {
+            let mut b = magic.to_vec();
+            while b.len() < 3 * chunk {
+                b.extend_from_slice(&sample());
+            }
+            b.truncate(3 * chunk);
+            b
+        };
+        let blobs: Vec<Vec<u8>> = [&[0x1f, 0x8b][..], &[0x28, 0xb5, 0x2f, 0xfd], b"tar!"]
+            .iter()
+            .map(|m| blob_of(m))
+            .collect();
+        let manifest = br#"{"schemaVersion":2}"#.to_vec();
+        let mut input = BundleInput {
+            name: "lit".into(),
+            version: "1".into(),
+            ..BundleInput::default()
+        };
+        input.images.push(ImageInput {
+            name: "x/y:1".into(),
+            digest: Digest::of(&manifest),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: manifest.len() as u64,
+            platforms: Vec::new(),
+        });
+        for b in blobs.iter().chain([&manifest]) {
+            input.blobs.push(BlobInput {
+                verified: false,
+                digest: Digest::of(b),
+                size: b.len() as u64,
+                media_type: None,
+                content: Content::Bytes(b.as_slice().into()),
+            });
+        }
+        let out = dir.path().join("lit.bundle");
+        write(&input, &out, &WriteOptions::default()).unwrap();
+        let archive = crate::Archive::open(&out).unwrap();
+        for (b, coded) in blobs.iter().zip([false, false, true]) {
+            let entry = archive
+                .index()
+                .blobs
+                .iter()
+                .find(|e| e.digest == Digest::of(b))
+                .unwrap();
+            // The second frame holds content bytes CHUNK - 512 .. 2 * CHUNK - 512.
+            let second = archive.frame(entry.first_frame + 1).unwrap();
+            let content = &b[chunk - 512..2 * chunk - 512];
+            let (mut with, mut without) = (Vec::new(), Vec::new());
+            compress(content, 3, true, 0, &mut with).unwrap();
+            compress(content, 3, false, 0, &mut without).unwrap();
+            assert_ne!(with, without, "the sample does not tell the two apart");
+            let want = if coded { &with } else { &without };
+            assert!(second == want.as_slice(), "magic {:02x?}", &b[..4]);
+            // The first frame always codes literals.
+            let mut first = tar::header(&tar::blob_path(&entry.digest), b.len() as u64).to_vec();
+            first.extend_from_slice(&b[..chunk - 512]);
+            compress(&first, 3, true, 0, &mut with).unwrap();
+            assert!(archive.frame(entry.first_frame).unwrap() == with.as_slice());
+        }
     }
 }
