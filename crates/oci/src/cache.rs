@@ -101,19 +101,15 @@ impl BlobCache {
             return Ok((path, 0));
         }
         let tmp = self.tmp_path(digest);
-        let result = self.download(client, repo, digest, size, &tmp).await;
-        match result {
-            Ok(n) => {
-                tokio::fs::rename(&tmp, &path)
-                    .await
-                    .map_err(|e| Error::io(&path, e))?;
-                Ok((path, n))
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                Err(e)
-            }
-        }
+        // Removed on every way out but success, a cancelled download (the writer of a
+        // streaming pull failed) included.
+        let mut guard = TmpFile(Some(tmp.clone()));
+        let n = self.download(client, repo, digest, size, &tmp).await?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| Error::io(&path, e))?;
+        guard.0 = None;
+        Ok((path, n))
     }
 
     async fn download(
@@ -202,6 +198,17 @@ impl BlobCache {
     }
 }
 
+/// Removes a temp file when dropped, unless taken out.
+struct TmpFile(Option<PathBuf>);
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// A download's temp file. Body chunks are gathered as they arrive (no copy) and written by
 /// a blocking thread a MiB at a time, each at its offset: a write per chunk would cost a trip
 /// to a blocking thread each, and copying them into one buffer first was 5% of a pull's CPU.
@@ -279,6 +286,63 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A download cancelled mid-body (a streaming pull's writer failed and dropped it)
+    /// leaves no temp file behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_download_leaves_no_temp_file() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        // Answers every request with the head and half of a 2 MiB body, then stalls.
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    let _ = s.read(&mut head).await;
+                    let body = vec![b'x'; 1 << 20];
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2097152\r\n\r\n")
+                        .await;
+                    let _ = s.write_all(&body).await;
+                    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                });
+            }
+        });
+        let mut tls = crate::TlsOptions::default();
+        tls.insecure.insert(host.clone());
+        let client = Client::new(
+            Arc::new(crate::Direct::new(&tls).unwrap()),
+            crate::auth::CredentialStore::empty(),
+            tls,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::open(dir.path()).unwrap();
+        let repo: crate::Reference = format!("{host}/a/b:1").parse().unwrap();
+        let repo = Repo::of(&repo);
+        let digest = Digest::of(b"whatever");
+        let task = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.fetch(&client, &repo, &digest, 2 << 20).await })
+        };
+        let tmp = dir.path().join("tmp");
+        let started = std::time::Instant::now();
+        while std::fs::read_dir(&tmp).unwrap().next().is_none() {
+            assert!(
+                started.elapsed().as_secs() < 20,
+                "the download never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        task.abort();
+        let _ = task.await;
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "temp files left: {left:?}");
+        assert!(!cache.path(&digest).exists());
+    }
 
     /// Chunks land in order at their offsets across batches; a restart (a registry that
     /// ignored the Range of a resumed download) leaves only what follows it.

@@ -259,8 +259,9 @@ fn streamed_pulls_share_downloads_and_stop_on_a_bad_blob() {
     let own = b"a layer of the second image only".repeat(3000);
     let (m1, c1) = image(&shared);
     // The second image: the shared layer and one of its own.
-    let c2 = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"x":2}"#
-        .to_vec();
+    let c2 =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"x":2}"#
+            .to_vec();
     let layer = |l: &[u8]| {
         format!(
             r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}"#,
@@ -359,10 +360,7 @@ fn streamed_pulls_share_downloads_and_stop_on_a_bad_blob() {
     let (written, downloaded) = create(&["one", "two"], &cache, &again);
     written.unwrap();
     assert_eq!(downloaded, 0);
-    assert_eq!(
-        std::fs::read(&out).unwrap(),
-        std::fs::read(&again).unwrap()
-    );
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
 
     let cache = BlobCache::open(&dir.path().join("fresh")).unwrap();
     let out = dir.path().join("bad.bundle");
@@ -377,7 +375,10 @@ fn streamed_pulls_share_downloads_and_stop_on_a_bad_blob() {
         matches!(&e, bundle_format::Error::Arrival { digest, .. } if *digest == od),
         "{chain}"
     );
-    assert!(chain.contains("bad/app") && chain.contains(&od.to_string()), "{chain}");
+    assert!(
+        chain.contains("bad/app") && chain.contains(&od.to_string()),
+        "{chain}"
+    );
     assert!(!out.exists(), "an archive was left at {}", out.display());
     cache_is_clean(&cache, &od);
 }
