@@ -1023,7 +1023,7 @@ pub fn write(input: &BundleInput, out: &Path, opts: &WriteOptions) -> Result<Wri
     write_arriving(input, out, opts, None)
 }
 
-/// [`write`], with blobs that may still be arriving: before reading each blob, the writer waits
+/// [`write()`], with blobs that may still be arriving: before reading each blob, the writer waits
 /// for it with `arrivals`, so a pull compresses what it has while it downloads the rest.
 pub fn write_arriving(
     input: &BundleInput,
