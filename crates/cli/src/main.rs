@@ -384,61 +384,19 @@ fn create(
             }
         }
     }
-    // Registry images: manifests and configs for all of them at once, then the layers download
-    // while the writer compresses the ones already in (in archive order).
-    let mut pulling_now = None;
-    if !pulls.is_empty() {
-        let dir = pulling
-            .cache
-            .clone()
-            .unwrap_or_else(bundle_oci::cache::default_dir);
-        let cache = bundle_oci::cache::BlobCache::open(&dir)?;
-        let puller =
-            bundle_oci::pull::Puller::new(pulling.registry.client()?, cache, pulling.registry.jobs);
-        let rt = registry::runtime()?;
-        let results = rt.block_on(async {
-            let mut tasks = tokio::task::JoinSet::new();
-            for (i, target) in &pulls {
-                let (puller, name, target, platforms) = (
-                    puller.clone(),
-                    loaded.config.images[*i].name.clone(),
-                    target.clone(),
-                    platforms.to_vec(),
-                );
-                let i = *i;
-                tasks.spawn(async move { (i, puller.resolve(&name, &target, &platforms).await) });
-            }
-            let mut done = Vec::new();
-            while let Some(j) = tasks.join_next().await {
-                done.push(j.context("pull task")?);
-            }
-            done.sort_by_key(|(i, _)| *i);
-            anyhow::Ok(done)
-        })?;
-        let mut missing = Vec::new();
-        for ((i, result), (_, target)) in results.into_iter().zip(&pulls) {
-            let img = &loaded.config.images[i];
-            let r = result
-                .with_context(|| format!("{}: images[{i}] ({})", yaml.display(), img.name))?;
-            eprintln!(
-                "pulling {} as {} ({} of its blobs not cached)",
-                target,
-                r.pulled,
-                r.missing.len()
-            );
-            new_lock.images.push(config::LockEntry {
-                name: img.name.clone(),
-                digest: r.pulled.to_string(),
-            });
-            missing.extend(r.missing);
-            slots[i] = Some(r.resolved);
-        }
-        let downloads = {
-            let _in_runtime = rt.enter();
-            puller.start(missing)
-        };
-        pulling_now = Some((rt, downloads));
-    }
+    let pulling_now = if pulls.is_empty() {
+        None
+    } else {
+        Some(start_pulls(
+            yaml,
+            &loaded.config.images,
+            &pulls,
+            platforms,
+            pulling,
+            &mut slots,
+            &mut new_lock,
+        )?)
+    };
     for resolved in slots.into_iter().flatten() {
         for note in &resolved.notes {
             eprintln!("note: {note}");
@@ -484,6 +442,71 @@ fn create(
         summary.size
     );
     Ok(())
+}
+
+/// Pulls the registry images of a bundle.yaml (`pulls`: their index and the reference to pull):
+/// the manifests and configs of all of them at once, filling their `slots` and the lock; then
+/// starts the layer downloads, which go on (in archive order) while the writer compresses the
+/// layers already in.
+fn start_pulls(
+    yaml: &Path,
+    images: &[config::ImageConfig],
+    pulls: &[(usize, bundle_oci::Reference)],
+    platforms: &[Platform],
+    pulling: &Pulling,
+    slots: &mut [Option<bundle_layout::Resolved>],
+    new_lock: &mut config::Lock,
+) -> Result<(tokio::runtime::Runtime, bundle_oci::pull::Downloads)> {
+    let dir = pulling
+        .cache
+        .clone()
+        .unwrap_or_else(bundle_oci::cache::default_dir);
+    let cache = bundle_oci::cache::BlobCache::open(&dir)?;
+    let puller =
+        bundle_oci::pull::Puller::new(pulling.registry.client()?, cache, pulling.registry.jobs);
+    let rt = registry::runtime()?;
+    let results = rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, target) in pulls {
+            let (puller, name, target, platforms) = (
+                puller.clone(),
+                images[*i].name.clone(),
+                target.clone(),
+                platforms.to_vec(),
+            );
+            let i = *i;
+            tasks.spawn(async move { (i, puller.resolve(&name, &target, &platforms).await) });
+        }
+        let mut done = Vec::new();
+        while let Some(j) = tasks.join_next().await {
+            done.push(j.context("pull task")?);
+        }
+        done.sort_by_key(|(i, _)| *i);
+        anyhow::Ok(done)
+    })?;
+    let mut missing = Vec::new();
+    for ((i, result), (_, target)) in results.into_iter().zip(pulls) {
+        let img = &images[i];
+        let r =
+            result.with_context(|| format!("{}: images[{i}] ({})", yaml.display(), img.name))?;
+        eprintln!(
+            "pulling {} as {} ({} of its blobs not cached)",
+            target,
+            r.pulled,
+            r.missing.len()
+        );
+        new_lock.images.push(config::LockEntry {
+            name: img.name.clone(),
+            digest: r.pulled.to_string(),
+        });
+        missing.extend(r.missing);
+        slots[i] = Some(r.resolved);
+    }
+    let downloads = {
+        let _in_runtime = rt.enter();
+        puller.start(missing)
+    };
+    Ok((rt, downloads))
 }
 
 fn serve(archive: &[PathBuf], listen: &str, verify: bool) -> Result<()> {
