@@ -405,7 +405,8 @@ fn produce(
                 let n = ((chunk - len) as u64).min(size - done) as usize;
                 let part = &mut buf[len..len + n];
                 fill(m, part, done, &mut open)?;
-                if first && matches!(m, Member::Blob(_)) && done == 0 {
+                // The first fill is the content's start, in the first frame.
+                if done == 0 && matches!(m, Member::Blob(_)) {
                     literals = !precompressed(part);
                 }
                 if let Some(h) = &mut hasher {

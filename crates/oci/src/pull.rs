@@ -271,13 +271,10 @@ impl Puller {
     ///
     /// [`Arrivals`]: bundle_format::Arrivals
     pub fn start(&self, missing: Vec<Missing>) -> Downloads {
-        let mut order: Vec<Missing> = Vec::new();
-        for m in missing {
-            if !order.iter().any(|o| o.digest == m.digest) {
-                order.push(m);
-            }
-        }
+        // A stable sort keeps the first repository named for a digest.
+        let mut order = missing;
         order.sort_by_key(|m| m.digest);
+        order.dedup_by_key(|m| m.digest);
         let board = Arc::new(Board::default());
         if let Ok(mut states) = board.states.lock() {
             for m in &order {
