@@ -14,8 +14,8 @@ pub use error::{Error, Result};
 pub use index::Index;
 pub use read::{Archive, BlobReader, VerifyReport};
 pub use write::{
-    Arrivals, BlobInput, BundleInput, Content, ImageInput, WriteOptions, WriteSummary, write,
-    write_arriving,
+    Arrival, ArrivalError, Arrivals, BlobInput, BundleInput, Content, ImageInput, WriteOptions,
+    WriteSummary, write, write_arriving,
 };
 
 /// Largest decompressed frame: 1 MiB − 8 KiB, a multiple of the tar block. Its zstd

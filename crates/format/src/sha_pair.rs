@@ -51,6 +51,114 @@ fn finish(mut state: [u32; 8], msg: &[u8], done: usize) -> [u8; 32] {
     out
 }
 
+/// A streaming sha256 whose input can be fed together with another's ([`update_pair`]), for
+/// the writer: a blob's content and the frame that stores it are hashed side by side.
+#[derive(Clone)]
+pub(crate) struct Sha {
+    state: [u32; 8],
+    buf: [u8; 64],
+    buffered: usize,
+    total: u64,
+}
+
+impl Sha {
+    /// A fresh hash.
+    pub(crate) fn new() -> Sha {
+        Sha {
+            state: IV,
+            buf: [0; 64],
+            buffered: 0,
+            total: 0,
+        }
+    }
+
+    /// Feeds `data`.
+    #[cfg(test)]
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        let rest = self.head(data);
+        let whole = rest.len() / 64 * 64;
+        blocks(&mut self.state, &rest[..whole]);
+        self.tail(&rest[whole..]);
+    }
+
+    /// Completes a partly filled block from `data`; returns what is left of `data`.
+    fn head<'d>(&mut self, data: &'d [u8]) -> &'d [u8] {
+        self.total = self.total.wrapping_add(data.len() as u64);
+        if self.buffered == 0 {
+            return data;
+        }
+        let n = (64 - self.buffered).min(data.len());
+        self.buf[self.buffered..self.buffered + n].copy_from_slice(&data[..n]);
+        self.buffered += n;
+        if self.buffered == 64 {
+            let block = self.buf;
+            blocks(&mut self.state, &block);
+            self.buffered = 0;
+        }
+        &data[n..]
+    }
+
+    /// Keeps the bytes after the last whole block (only ever called with an empty buffer
+    /// unless `tail` is empty).
+    fn tail(&mut self, tail: &[u8]) {
+        if !tail.is_empty() {
+            self.buf[..tail.len()].copy_from_slice(tail);
+            self.buffered = tail.len();
+        }
+    }
+
+    /// The digest of everything fed.
+    pub(crate) fn finish(mut self) -> [u8; 32] {
+        let mut last = [0u8; 128];
+        last[..self.buffered].copy_from_slice(&self.buf[..self.buffered]);
+        last[self.buffered] = 0x80;
+        let end = if self.buffered < 56 { 64 } else { 128 };
+        last[end - 8..end].copy_from_slice(&self.total.wrapping_mul(8).to_be_bytes());
+        blocks(&mut self.state, &last[..end]);
+        let mut out = [0u8; 32];
+        for (o, w) in out.chunks_exact_mut(4).zip(self.state) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        out
+    }
+}
+
+/// Feeds `a` to `sa` and `b` to `sb`, their whole blocks interleaved as far as both have them.
+pub(crate) fn update_pair(sa: &mut Sha, a: &[u8], sb: &mut Sha, b: &[u8]) {
+    let (ra, rb) = (sa.head(a), sb.head(b));
+    let (wa, wb) = (ra.len() / 64 * 64, rb.len() / 64 * 64);
+    let common = wa.min(wb);
+    if ni::available() {
+        ni::blocks2(&mut sa.state, &ra[..common], &mut sb.state, &rb[..common]);
+    } else {
+        blocks(&mut sa.state, &ra[..common]);
+        blocks(&mut sb.state, &rb[..common]);
+    }
+    blocks(&mut sa.state, &ra[common..wa]);
+    blocks(&mut sb.state, &rb[common..wb]);
+    sa.tail(&ra[wa..]);
+    sb.tail(&rb[wb..]);
+}
+
+/// Runs whole 64-byte blocks into `state`: SHA-NI when the CPU has it, else `sha2`'s own.
+fn blocks(state: &mut [u32; 8], data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    if ni::available() {
+        ni::blocks1(state, data);
+        return;
+    }
+    for block in data.chunks_exact(64) {
+        sha2::compress256(
+            state,
+            &[*sha2::digest::generic_array::GenericArray::from_slice(
+                block,
+            )],
+        );
+    }
+}
+
 /// The SHA-NI block functions (x86_64 only; elsewhere `available` is false).
 mod ni {
     #![allow(unsafe_code)]
@@ -355,6 +463,34 @@ mod tests {
             b in proptest::collection::vec(any::<u8>(), 0..5000),
         ) {
             prop_assert_eq!(digest_pair(&a, &b), (sha(&a), sha(&b)));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn streamed_pairs_are_plain_sha256(
+            a in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700),
+            b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700),
+            cuts in proptest::collection::vec(0usize..700, 0..6),
+        ) {
+            let (mut sa, mut sb) = (Sha::new(), Sha::new());
+            let mut bounds: Vec<usize> = cuts.clone();
+            bounds.push(700);
+            bounds.sort_unstable();
+            let mut at = 0;
+            for (i, end) in bounds.into_iter().enumerate() {
+                let (pa, pb) = (&a[at.min(a.len())..end.min(a.len())], &b[at.min(b.len())..end.min(b.len())]);
+                // Some pieces alone, most together.
+                if i % 3 == 2 {
+                    sa.update(pa);
+                    sb.update(pb);
+                } else {
+                    update_pair(&mut sa, pa, &mut sb, pb);
+                }
+                at = end;
+            }
+            proptest::prop_assert_eq!(sa.finish(), sha(&a));
+            proptest::prop_assert_eq!(sb.finish(), sha(&b));
         }
     }
 }

@@ -12,8 +12,9 @@ use serde::Serialize;
 use serde_bytes::ByteArray;
 
 use crate::index::{self, BlobEntry, FileEntry, Frame, Image, Index, Part, Trailer};
+use crate::sha_pair::{Sha, update_pair};
 use crate::sink::{self, Sink};
-use crate::{CHUNK, Digest, END_LEN, Error, Hasher, MAX_FRAME_COMPRESSED, Result, tar};
+use crate::{CHUNK, Digest, END_LEN, Error, MAX_FRAME_COMPRESSED, Result, tar};
 
 /// Where a blob's bytes come from.
 #[derive(Debug, Clone)]
@@ -32,10 +33,6 @@ pub enum Content {
 /// A blob to store. Its content is hashed while it is written; a mismatch aborts the write.
 #[derive(Debug, Clone)]
 pub struct BlobInput {
-    /// The content was hashed to `digest` by this process just before (a download streamed
-    /// through a hasher into the cache), so the writer reads it without hashing it again.
-    /// Only a source that has just checked the very bytes it names may set this.
-    pub verified: bool,
     /// The digest the blob is named by.
     pub digest: Digest,
     /// Its length.
@@ -46,17 +43,30 @@ pub struct BlobInput {
     pub content: Content,
 }
 
-/// Blobs that arrive while the archive is being written: a pull downloads into its cache while
-/// the blobs before are already being compressed ([`write_arriving`]).
+/// An error an [`Arrivals`] source reports.
+pub type ArrivalError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where the writer reads a blob that [`Arrivals::wait`] waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    /// Where its [`BlobInput`] says.
+    AsNamed,
+    /// From this file, whole, which holds bytes nobody has checked yet: the writer hashes them
+    /// as it stores them and tells [`Arrivals::checked`] what it found.
+    Staged(PathBuf),
+}
+
+/// Blobs that arrive while the archive is being written: a pull downloads while the blobs
+/// before are already being compressed ([`write_arriving`]).
 pub trait Arrivals: Sync {
-    /// Blocks until `blob`'s content can be read. `Ok(true)` when those very bytes were checked
-    /// against the digest on their way in, so the writer does not hash them again; `Ok(false)`
-    /// for content this source knows nothing of. Called once per distinct blob, in the order
-    /// the blobs are written (by digest).
-    fn wait(
-        &self,
-        blob: &BlobInput,
-    ) -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>>;
+    /// Blocks until `blob`'s content can be read, and says from where. Called once per
+    /// distinct blob, in the order the blobs are written (by digest).
+    fn wait(&self, blob: &BlobInput) -> std::result::Result<Arrival, ArrivalError>;
+
+    /// The sha256 the writer found for the content of a blob that arrived
+    /// [`Arrival::Staged`]: the source keeps those bytes if `found` is the blob's digest (a
+    /// pull moves them into its cache) and drops them otherwise, saying what was wrong.
+    fn checked(&self, blob: &BlobInput, found: &Digest) -> std::result::Result<(), ArrivalError>;
 }
 
 /// An image to list in the index and in `index.json`.
@@ -290,6 +300,20 @@ struct Job {
     /// Compress literals as zstd's level would; `false` for a frame of already compressed
     /// content (spec section 4).
     literals: bool,
+    /// The blob content in this frame, hashed by the writer thread.
+    content: Option<ContentPart>,
+}
+
+/// The stretch of a frame that is blob content. The writer thread hashes content in stream
+/// order into its blob's digest, interleaved with the frame's own digest ([`update_pair`]):
+/// two sha256 streams side by side cost little more than one.
+struct ContentPart {
+    range: std::ops::Range<usize>,
+    /// The blob's content starts here: a fresh hash.
+    first: bool,
+    /// The blob's content ends here: its digest is checked (member index, and where the
+    /// bytes were staged if they came so).
+    last: Option<(usize, Option<PathBuf>)>,
 }
 
 /// Whether content starting with `start` is already compressed (gzip or zstd), so that its
@@ -341,9 +365,9 @@ impl Pool {
 }
 
 /// Reads members in order, cuts the tar stream into frames and sends them numbered in stream
-/// order. Hashes blob content as it is read: a blob that does not match its digest ends the
-/// stream with an error. Stops quietly when the receivers hang up. Frame buffers come from
-/// `pool` (all `CHUNK` bytes long; a job says how many of them are the frame).
+/// order, each with the blob content it holds (for the writer thread to hash). Stops quietly
+/// when the receivers hang up. Frame buffers come from `pool` (all `CHUNK` bytes long; a job
+/// says how many of them are the frame).
 fn produce(
     members: &[Member],
     arrivals: Option<&dyn Arrivals>,
@@ -352,33 +376,67 @@ fn produce(
 ) -> Result<()> {
     let mut open: Option<(PathBuf, File)> = None;
     let mut frame: u32 = 0;
-    let mut send = |data: FrameData, literals: bool| -> bool {
+    let mut send = |data: FrameData, literals: bool, content: Option<ContentPart>| -> bool {
         let job = Job {
             frame,
             data,
             literals,
+            content,
         };
         frame += 1;
         tx.send(job).is_ok()
     };
     let chunk = CHUNK as usize;
-    for m in members {
-        let size = m.size();
-        let verified = match (m, arrivals) {
-            (Member::Blob(b), Some(a)) => {
-                a.wait(b).map_err(|cause| Error::Arrival {
-                    digest: b.digest,
-                    cause,
-                })? || b.verified
-            }
-            (Member::Blob(b), None) => b.verified,
-            (Member::File { .. }, _) => false,
+    for (index, named) in members.iter().enumerate() {
+        let size = named.size();
+        let arrival = match (named, arrivals) {
+            (Member::Blob(b), Some(a)) => a.wait(b).map_err(|cause| Error::Arrival {
+                digest: b.digest,
+                cause,
+            })?,
+            _ => Arrival::AsNamed,
         };
-        let mut hasher = (!verified).then(Hasher::new);
+        // A staged blob is read from where it was staged.
+        let staged_member;
+        let (m, staged) = match (named, arrival) {
+            (Member::Blob(b), Arrival::Staged(path)) => {
+                staged_member = Member::Blob(BlobInput {
+                    content: Content::File {
+                        path: path.clone(),
+                        offset: 0,
+                    },
+                    ..b.clone()
+                });
+                (&staged_member, Some(path))
+            }
+            _ => (named, None),
+        };
+        let is_blob = matches!(m, Member::Blob(_));
+        // Whether the content has begun and ended.
+        let (mut began, mut ended) = (false, false);
+        let mut staged = Some(staged);
+        let mut part = |cstart: usize, clen: usize, done: u64| -> Option<ContentPart> {
+            if !is_blob || ended {
+                return None;
+            }
+            let first = !began;
+            began = true;
+            let last = (done == size).then(|| {
+                ended = true;
+                (index, staged.take().flatten())
+            });
+            Some(ContentPart {
+                range: cstart..cstart + clen,
+                first,
+                last,
+            })
+        };
         let mut buf = pool.take(chunk);
         let header = tar::header(&m.tar_path(), size);
         buf[..header.len()].copy_from_slice(&header);
         let mut len = header.len();
+        // The content's place in the current frame.
+        let (mut cstart, mut clen) = (len, 0usize);
         let mut done: u64 = 0;
         let mut pad_left = (tar::padded(size) - size) as usize;
         // The first frame (tar header and the content's start) is compressed as zstd's level
@@ -391,11 +449,9 @@ fn produce(
                 && size - done >= chunk as u64
                 && let Some(map) = map_content(m, done, chunk, &mut open)
             {
-                if let Some(h) = &mut hasher {
-                    h.update(&map);
-                }
                 done += chunk as u64;
-                if !send(FrameData::Mapped(map), literals) {
+                let content = part(0, chunk, done);
+                if !send(FrameData::Mapped(map), literals, content) {
                     return Ok(());
                 }
                 continue;
@@ -406,13 +462,11 @@ fn produce(
                 let part = &mut buf[len..len + n];
                 fill(m, part, done, &mut open)?;
                 // The first fill is the content's start, in the first frame.
-                if done == 0 && matches!(m, Member::Blob(_)) {
+                if done == 0 && is_blob {
                     literals = !precompressed(part);
                 }
-                if let Some(h) = &mut hasher {
-                    h.update(part);
-                }
                 len += n;
+                clen += n;
                 done += n as u64;
             }
             if done == size && pad_left > 0 && len < chunk {
@@ -423,23 +477,24 @@ fn produce(
             }
             let last = done == size && pad_left == 0;
             if last {
-                check_blob(m, hasher)?;
-                if !send(FrameData::Buffer(buf, len), literals || first) {
+                let content = part(cstart, clen, done);
+                if !send(FrameData::Buffer(buf, len), literals || first, content) {
                     return Ok(());
                 }
                 break;
             }
             if len == chunk {
                 let full = std::mem::replace(&mut buf, pool.take(chunk));
-                if !send(FrameData::Buffer(full, len), literals || first) {
+                let content = part(cstart, clen, done);
+                if !send(FrameData::Buffer(full, len), literals || first, content) {
                     return Ok(());
                 }
                 first = false;
-                len = 0;
+                (len, cstart, clen) = (0, 0, 0);
             }
         }
     }
-    send(FrameData::Buffer(vec![0u8; END_LEN], END_LEN), true);
+    send(FrameData::Buffer(vec![0u8; END_LEN], END_LEN), true, None);
     Ok(())
 }
 
@@ -476,14 +531,32 @@ fn map_content(
     Some(map)
 }
 
-/// Checks a blob's content digest once all of it has been read (unless it came verified).
-fn check_blob(m: &Member, hasher: Option<Hasher>) -> Result<()> {
-    let (Member::Blob(b), Some(hasher)) = (m, hasher) else {
+/// Checks the digest `found` for the content of blob member `m` (staged at `staged`, which
+/// its source then keeps or drops).
+fn check_blob(
+    m: &Member,
+    found: Digest,
+    staged: Option<&Path>,
+    arrivals: Option<&dyn Arrivals>,
+) -> Result<()> {
+    let Member::Blob(b) = m else {
         return Ok(());
     };
-    let found = hasher.finish();
+    if let (Some(_), Some(a)) = (staged, arrivals) {
+        a.checked(b, &found).map_err(|cause| Error::Arrival {
+            digest: b.digest,
+            cause,
+        })?;
+    }
     if found == b.digest {
         return Ok(());
+    }
+    if let Some(path) = staged {
+        return Err(Error::BlobDigest {
+            expected: b.digest,
+            found,
+            place: format!("{} (staged)", path.display()),
+        });
     }
     let place = match &b.content {
         Content::Bytes(_) => "generated".to_owned(),
@@ -787,8 +860,11 @@ fn build_index(
 struct Compressed {
     frame: u32,
     bytes: Vec<u8>,
+    /// The frame's digest; for a frame with blob content, computed by the writer thread.
     sha: Digest,
     dsize: u32,
+    /// The uncompressed frame and its blob content, for the writer thread to hash.
+    input: Option<(FrameData, ContentPart)>,
 }
 
 /// Appends frames to part files, opening a new part when the split size says so.
@@ -892,8 +968,9 @@ impl PartWriter<'_> {
     }
 }
 
-/// Compresses one or two jobs and hashes their frames (together when two: see
-/// [`Digest::of_pair`]). Input buffers go back to `inputs`.
+/// Compresses one or two jobs and hashes the frames that hold no blob content (together when
+/// two: see [`Digest::of_pair`]); the others go to the writer thread with their input. Input
+/// buffers no longer needed go back to `inputs`.
 fn compress_jobs(
     first: Job,
     second: Option<Job>,
@@ -907,23 +984,34 @@ fn compress_jobs(
         .map(|job| {
             let mut bytes = outputs.take(0);
             let data = job.data.bytes();
-            let res =
-                compress(data, level, job.literals, job.frame, &mut bytes).map(|()| Compressed {
-                    frame: job.frame,
-                    bytes,
-                    sha: Digest::from_bytes([0; 32]),
-                    dsize: data.len() as u32,
-                });
-            if let FrameData::Buffer(buf, _) = job.data {
-                inputs.give(buf);
-            }
-            res
+            let dsize = data.len() as u32;
+            let res = compress(data, level, job.literals, job.frame, &mut bytes);
+            let input = match (job.content, job.data) {
+                (Some(part), data) => Some((data, part)),
+                (None, FrameData::Buffer(buf, _)) => {
+                    inputs.give(buf);
+                    None
+                }
+                (None, FrameData::Mapped(_)) => None,
+            };
+            res.map(|()| Compressed {
+                frame: job.frame,
+                bytes,
+                sha: Digest::from_bytes([0; 32]),
+                dsize,
+                input,
+            })
         })
         .collect();
-    match done.as_mut_slice() {
-        [Ok(a), Ok(b)] => (a.sha, b.sha) = Digest::of_pair(&a.bytes, &b.bytes),
+    let mut alone: Vec<&mut Compressed> = done
+        .iter_mut()
+        .flatten()
+        .filter(|c| c.input.is_none())
+        .collect();
+    match alone.as_mut_slice() {
+        [a, b] => (a.sha, b.sha) = Digest::of_pair(&a.bytes, &b.bytes),
         slice => {
-            for c in slice.iter_mut().flatten() {
+            for c in slice {
                 c.sha = Digest::of(&c.bytes);
             }
         }
@@ -931,11 +1019,36 @@ fn compress_jobs(
     done
 }
 
-/// Runs the pipeline: a reader thread cuts frames and checks blob digests; worker threads
-/// (as many as rayon would use) compress and hash frames, two at a time when two wait; this
-/// thread puts the frames back in order and appends them to the parts (direct IO where it
-/// can), while a syncer thread flushes data written through the page cache to disk in the
-/// background so that the final fsync is short.
+/// Hashes a frame holding blob content and that content (into `blob`, the digest of the blob
+/// whose frames are in stream order here), side by side; checks the blob at its end.
+fn hash_content(
+    c: &mut Compressed,
+    data: &FrameData,
+    part: ContentPart,
+    blob: &mut Sha,
+    members: &[Member],
+    arrivals: Option<&dyn Arrivals>,
+) -> Result<()> {
+    if part.first {
+        *blob = Sha::new();
+    }
+    let mut frame = Sha::new();
+    let content = data.bytes().get(part.range).unwrap_or_default();
+    update_pair(&mut frame, &c.bytes, blob, content);
+    c.sha = Digest::from_bytes(frame.finish());
+    if let Some((member, staged)) = part.last {
+        let found = Digest::from_bytes(std::mem::replace(blob, Sha::new()).finish());
+        check_blob(&members[member], found, staged.as_deref(), arrivals)?;
+    }
+    Ok(())
+}
+
+/// Runs the pipeline: a reader thread cuts frames; worker threads (as many as rayon would
+/// use) compress them and hash those without blob content, two at a time when two wait; this
+/// thread puts the frames back in order, hashes blob content together with the frames that
+/// hold it (checking each blob's digest at its end), and appends the frames to the parts
+/// (direct IO where it can), while a syncer thread flushes data written through the page
+/// cache to disk in the background so that the final fsync is short.
 fn pipeline(
     members: &[Member],
     arrivals: Option<&dyn Arrivals>,
@@ -984,21 +1097,48 @@ fn pipeline(
                 let _ = f.sync_data();
             }
         });
-        writer.syncer = Some(stx);
+        // Frames go to the parts from their own thread, so that a blocking write never holds
+        // up the hashing.
+        let (wtx, wrx) = mpsc::sync_channel::<Compressed>(4);
+        let outputs_ref = &outputs;
+        let io = s.spawn(move || -> Result<()> {
+            writer.syncer = Some(stx);
+            let mut res = Ok(());
+            for c in wrx.iter() {
+                if let Err(e) = writer.push(&c) {
+                    res = Err(e);
+                    break;
+                }
+                outputs_ref.give(c.bytes);
+            }
+            writer.syncer = None;
+            res
+        });
         let mut pending: BTreeMap<u32, Compressed> = BTreeMap::new();
         let mut next: u32 = 0;
         let mut result: Result<()> = Ok(());
+        let mut blob = Sha::new();
         'recv: for r in rrx.iter() {
             match r {
                 Ok(c) => {
                     pending.insert(c.frame, c);
-                    while let Some(c) = pending.remove(&next) {
+                    while let Some(mut c) = pending.remove(&next) {
                         next += 1;
-                        if let Err(e) = writer.push(&c) {
-                            result = Err(e);
+                        if let Some((data, part)) = c.input.take() {
+                            let hashed =
+                                hash_content(&mut c, &data, part, &mut blob, members, arrivals);
+                            if let FrameData::Buffer(buf, _) = data {
+                                inputs.give(buf);
+                            }
+                            if let Err(e) = hashed {
+                                result = Err(e);
+                                break 'recv;
+                            }
+                        }
+                        // A closed channel means the writes failed: said below.
+                        if wtx.send(c).is_err() {
                             break 'recv;
                         }
-                        outputs.give(c.bytes);
                     }
                 }
                 Err(e) => {
@@ -1008,13 +1148,15 @@ fn pipeline(
             }
         }
         drop(rrx);
-        writer.syncer = None;
+        drop(wtx);
+        let written = io.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         let produced = producer
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        // The first failure in stream order wins: reading and checking, then compressing
-        // and writing.
-        produced.and(result)
+        // The first failure in stream order wins: reading, then writing (frames sent to be
+        // written came before any that failed to hash or compress), then hashing and
+        // compressing.
+        produced.and(written).and(result)
     })
 }
 
@@ -1230,7 +1372,6 @@ mod tests {
         });
         for b in blobs.iter().chain([&manifest]) {
             input.blobs.push(BlobInput {
-                verified: false,
                 digest: Digest::of(b),
                 size: b.len() as u64,
                 media_type: None,

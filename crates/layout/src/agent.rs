@@ -125,7 +125,6 @@ pub fn build_agent_image(
     .map_err(|cause| json_error("agent image manifest", cause))?;
     let manifest_digest = Digest::of(&manifest);
     let blob = |digest, media_type: &str, bytes: Vec<u8>| BlobInput {
-        verified: false,
         digest,
         size: bytes.len() as u64,
         media_type: Some(media_type.to_owned()),

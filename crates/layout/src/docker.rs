@@ -127,7 +127,6 @@ pub(crate) fn resolve(
         });
         if seen.insert(digest) {
             blobs.push(BlobInput {
-                verified: false,
                 digest,
                 size: loc.len,
                 media_type: Some(media_type.to_owned()),
@@ -155,14 +154,12 @@ pub(crate) fn resolve(
     let manifest_digest = Digest::of(&manifest);
     let manifest_size = manifest.len() as u64;
     blobs.push(BlobInput {
-        verified: false,
         digest: config_digest,
         size: config.len() as u64,
         media_type: Some(json::OCI_CONFIG.to_owned()),
         content: Content::Bytes(Arc::from(config)),
     });
     blobs.push(BlobInput {
-        verified: false,
         digest: manifest_digest,
         size: manifest_size,
         media_type: Some(json::OCI_MANIFEST.to_owned()),

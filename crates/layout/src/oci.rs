@@ -241,7 +241,6 @@ impl Walk<'_> {
     fn push(&mut self, digest: Digest, size: u64, media_type: Option<String>, content: Content) {
         if self.seen.insert(digest) {
             self.blobs.push(BlobInput {
-                verified: false,
                 digest,
                 size,
                 media_type,

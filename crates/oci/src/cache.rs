@@ -104,12 +104,42 @@ impl BlobCache {
         // Removed on every way out but success, a cancelled download (the writer of a
         // streaming pull failed) included.
         let mut guard = TmpFile(Some(tmp.clone()));
-        let n = self.download(client, repo, digest, size, &tmp).await?;
+        let n = self
+            .download(client, repo, digest, size, &tmp, true)
+            .await?;
         tokio::fs::rename(&tmp, &path)
             .await
             .map_err(|e| Error::io(&path, e))?;
         guard.0 = None;
         Ok((path, n))
+    }
+
+    /// Downloads blob `digest` of `size` bytes from `repo` into a temp file of the cache
+    /// without hashing it, for a reader that hashes it anyway (the archive writer): the blob
+    /// enters the cache only through [`Staged::commit`] with the digest that reader found.
+    /// A dropped transfer resumes where it stopped. Returns the staged file and the bytes
+    /// downloaded.
+    pub async fn stage(
+        &self,
+        client: &Client,
+        repo: &Repo,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(Staged, u64)> {
+        let tmp = self.tmp_path(digest);
+        let guard = TmpFile(Some(tmp.clone()));
+        let n = self
+            .download(client, repo, digest, size, &tmp, false)
+            .await?;
+        Ok((
+            Staged {
+                tmp: guard,
+                path: self.path(digest),
+                reference: format!("{repo}@{digest}"),
+                digest: *digest,
+            },
+            n,
+        ))
     }
 
     async fn download(
@@ -119,9 +149,11 @@ impl BlobCache {
         digest: &Digest,
         size: u64,
         tmp: &Path,
+        hash: bool,
     ) -> Result<u64> {
         let mut file = Spool::create(tmp)?;
-        let mut hasher = Hasher::new();
+        let fresh = || hash.then(Hasher::new);
+        let mut hasher = fresh();
         let mut have: u64 = 0;
         let mut downloaded: u64 = 0;
         let mut failures = 0u32;
@@ -132,7 +164,7 @@ impl BlobCache {
                 if have > 0 && !partial {
                     // The registry ignored the range: start over.
                     file.restart().await?;
-                    hasher = Hasher::new();
+                    hasher = fresh();
                     have = 0;
                 }
                 let mut body = resp.into_body();
@@ -153,7 +185,9 @@ impl BlobCache {
                             found: have + data.len() as u64,
                         });
                     }
-                    hasher.update(&data);
+                    if let Some(h) = &mut hasher {
+                        h.update(&data);
+                    }
                     let n = data.len() as u64;
                     file.write(data).await?;
                     have += n;
@@ -185,6 +219,9 @@ impl BlobCache {
             }
         }
         file.flush().await?;
+        let Some(hasher) = hasher else {
+            return Ok(downloaded);
+        };
         let found = hasher.finish();
         if found != *digest {
             return Err(Error::DigestMismatch {
@@ -195,6 +232,41 @@ impl BlobCache {
             });
         }
         Ok(downloaded)
+    }
+}
+
+/// A downloaded blob not checked yet ([`BlobCache::stage`]); its temp file goes when dropped.
+pub struct Staged {
+    tmp: TmpFile,
+    path: PathBuf,
+    reference: String,
+    digest: Digest,
+}
+
+impl Staged {
+    /// The temp file holding the bytes.
+    pub fn tmp_path(&self) -> &Path {
+        self.tmp.0.as_deref().unwrap_or(&self.path)
+    }
+
+    /// Moves the bytes into the cache if `found` (their sha256, computed by the caller) is the
+    /// blob's digest; otherwise drops them and says so.
+    pub fn commit(mut self, found: &Digest) -> Result<PathBuf> {
+        if *found != self.digest {
+            return Err(Error::DigestMismatch {
+                reference: self.reference.clone(),
+                what: "blob content".into(),
+                expected: self.digest,
+                found: *found,
+            });
+        }
+        if let Some(tmp) = self.tmp.0.take() {
+            std::fs::rename(&tmp, &self.path).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                Error::io(&self.path, e)
+            })?;
+        }
+        Ok(self.path.clone())
     }
 }
 

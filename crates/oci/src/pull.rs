@@ -1,10 +1,12 @@
 //! Pulls images from their registries into the blob cache and returns them as writer input.
 //! Manifests, indexes and configs are fetched as the platform-aware walk of `bundle-layout`
 //! asks for them (so filtering behaves exactly as for local sources); layers then download
-//! in parallel, each verified before it enters the cache: either before [`pull`] returns, or
-//! while the archive writer compresses the blobs that are already in ([`Puller::start`]).
+//! in parallel, each verified before it enters the cache: hashed as it streams in by
+//! [`pull`], or staged unchecked by [`Puller::start`] while the archive writer compresses the
+//! blobs before it, and committed once the writer, which hashes every blob it stores, found its
+//! digest.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +15,7 @@ use tokio::sync::Semaphore;
 use bundle_format::{Content, Digest};
 use bundle_layout::{BlobSource, Platform, Resolved, Root};
 
-use crate::cache::BlobCache;
+use crate::cache::{BlobCache, Staged};
 use crate::{Client, Error, Reference, Repo, Result};
 
 /// What a pull produced.
@@ -100,8 +102,6 @@ pub struct Puller {
     downloads: Arc<Semaphore>,
     /// Per blob, a lock held while it downloads.
     inflight: Arc<Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>>,
-    /// Blobs downloaded (so hashed as they streamed in) by this puller.
-    fetched: Arc<Mutex<HashSet<Digest>>>,
 }
 
 /// An image whose manifests and config are in the cache and whose layers may still need
@@ -140,7 +140,6 @@ impl Puller {
             cache,
             downloads: Arc::new(Semaphore::new(jobs.max(1))),
             inflight: Arc::default(),
-            fetched: Arc::default(),
         }
     }
 
@@ -171,15 +170,19 @@ impl Puller {
             .cache
             .fetch(&self.client, &m.repo, &m.digest, m.size)
             .await?;
-        if n > 0 {
-            self.fetched.lock().map_err(poisoned)?.insert(m.digest);
-        }
         Ok(n)
     }
 
-    /// Whether this puller downloaded `digest` (hashing it as it streamed into the cache).
-    fn was_fetched(&self, digest: &Digest) -> bool {
-        self.fetched.lock().is_ok_and(|f| f.contains(digest))
+    /// Downloads `m` into a staged temp file of the cache, unchecked ([`BlobCache::stage`]),
+    /// holding `permit`.
+    async fn stage(
+        &self,
+        m: &Missing,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(Staged, u64)> {
+        self.cache
+            .stage(&self.client, &m.repo, &m.digest, m.size)
+            .await
     }
 
     /// Fetches the manifests, indexes and configs of `reference` as the bundle image `name`
@@ -239,7 +242,7 @@ impl Puller {
         platforms: &[Platform],
     ) -> Result<Pulled> {
         let Resolution {
-            mut resolved,
+            resolved,
             pulled,
             missing,
         } = self.resolve(name, reference, platforms).await?;
@@ -251,12 +254,6 @@ impl Puller {
         let mut downloaded = 0;
         while let Some(j) = tasks.join_next().await {
             downloaded += j.map_err(|e| Error::Invalid(format!("download task: {e}")))??;
-        }
-        // What streamed through the hasher into the cache during this run is not hashed again
-        // by the writer (it was a fifth of a pull's CPU); blobs found in the cache are, as they
-        // are read.
-        for b in &mut resolved.blobs {
-            b.verified = self.was_fetched(&b.digest);
         }
         Ok(Pulled {
             resolved,
@@ -292,8 +289,8 @@ impl Puller {
                 };
                 let (this, b) = (this.clone(), Arc::clone(&b));
                 tasks.spawn(async move {
-                    let (state, downloaded) = match this.fetch(&m, Some(permit)).await {
-                        Ok(n) => (Arrival::Done(this.was_fetched(&m.digest)), n),
+                    let (state, downloaded) = match this.stage(&m, permit).await {
+                        Ok((staged, n)) => (Arrival::Staged(staged), n),
                         Err(e) => (Arrival::Failed(Some(e)), 0),
                     };
                     b.set(m.digest, state);
@@ -319,8 +316,10 @@ impl Puller {
 /// Where a download stands.
 enum Arrival {
     Pending,
-    /// In the cache; `true` when this run hashed it on the way in.
-    Done(bool),
+    /// Downloaded, unchecked: the writer hashes it and says what it found.
+    Staged(Staged),
+    /// Already in the cache (another process put it there meanwhile), or checked.
+    Done,
     /// Failed with this error (taken by the first wait).
     Failed(Option<Error>),
 }
@@ -383,19 +382,20 @@ impl bundle_format::Arrivals for Downloads {
     fn wait(
         &self,
         blob: &bundle_format::BlobInput,
-    ) -> std::result::Result<bool, Box<dyn std::error::Error + Send + Sync>> {
-        // Only the cache's copy is ours to vouch for; a local source of the same digest is
-        // read (and hashed) as it is.
+    ) -> std::result::Result<bundle_format::Arrival, bundle_format::ArrivalError> {
+        use bundle_format::Arrival as Read;
+        // Only blobs meant to be read from the cache are ours; a local source of the same
+        // digest is read as it is.
         let ours = matches!(&blob.content, Content::File { path, offset: 0 }
             if *path == self.cache.path(&blob.digest));
         if !ours {
-            return Ok(false);
+            return Ok(Read::AsNamed);
         }
         let mut states = self.board.states.lock().map_err(poisoned)?;
         loop {
             match states.get_mut(&blob.digest) {
-                None => return Ok(false),
-                Some(Arrival::Done(verified)) => return Ok(*verified),
+                None | Some(Arrival::Done) => return Ok(Read::AsNamed),
+                Some(Arrival::Staged(s)) => return Ok(Read::Staged(s.tmp_path().to_owned())),
                 Some(Arrival::Failed(e)) => {
                     return Err(match e.take() {
                         Some(e) => Box::new(e),
@@ -406,6 +406,21 @@ impl bundle_format::Arrivals for Downloads {
                     states = self.board.changed.wait(states).map_err(poisoned)?;
                 }
             }
+        }
+    }
+
+    fn checked(
+        &self,
+        blob: &bundle_format::BlobInput,
+        found: &Digest,
+    ) -> std::result::Result<(), bundle_format::ArrivalError> {
+        let mut states = self.board.states.lock().map_err(poisoned)?;
+        match states.insert(blob.digest, Arrival::Done) {
+            Some(Arrival::Staged(s)) => {
+                s.commit(found)?;
+                Ok(())
+            }
+            _ => Err(format!("{} was not staged by this pull", blob.digest).into()),
         }
     }
 }

@@ -335,7 +335,6 @@ pub(crate) fn images_of(archive: &Path) -> Vec<(String, String)> {
 
 fn mem_blob(bytes: Vec<u8>, media_type: &str) -> BlobInput {
     BlobInput {
-        verified: false,
         digest: Digest::of(&bytes),
         size: bytes.len() as u64,
         media_type: Some(media_type.into()),

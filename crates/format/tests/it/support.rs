@@ -9,7 +9,6 @@ use bundle_format::{Archive, BlobInput, BundleInput, Content, Digest, ImageInput
 /// A blob in memory.
 pub fn blob(bytes: Vec<u8>) -> BlobInput {
     BlobInput {
-        verified: false,
         digest: Digest::of(&bytes),
         size: bytes.len() as u64,
         media_type: Some("application/octet-stream".into()),

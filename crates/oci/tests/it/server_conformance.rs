@@ -150,7 +150,6 @@ impl Fixture {
 /// The fixture as an archive, served read-only.
 fn archive_backend(dir: &Path, f: &Fixture) -> Backend {
     let blob = |bytes: &[u8], media_type: &str| BlobInput {
-        verified: false,
         digest: Digest::of(bytes),
         size: bytes.len() as u64,
         media_type: Some(media_type.into()),
@@ -2332,7 +2331,6 @@ async fn more_streams_than_frame_buffers() {
     let config = to_json(&json!({ "architecture": "amd64", "os": "linux" }));
     let manifest = image_manifest((OCI_CONFIG, &config), &[(OCI_LAYER, &layer)]);
     let blob = |bytes: &[u8], media_type: &str| BlobInput {
-        verified: false,
         digest: Digest::of(bytes),
         size: bytes.len() as u64,
         media_type: Some(media_type.into()),
