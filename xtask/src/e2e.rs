@@ -32,6 +32,8 @@ const PORT_DIRECT: u16 = 31993;
 /// the direct throughput, peak RSS within 256 MiB.
 const SEEDING_TARGET_S: f64 = 15.0;
 const RATIO_TARGET: f64 = 0.5;
+/// Rounds of the throughput comparison (a push each way per round).
+const THROUGHPUT_ROUNDS: usize = 3;
 const RSS_TARGET: u64 = 256 << 20;
 
 struct Env {
@@ -490,8 +492,12 @@ pub fn run(args: &[String]) -> Result<()> {
         px_bytes as f64 / 1e6 / px_push.max(1e-9)
     ));
 
-    // 7. `bundle push` straight to a seeded registry's NodePort, for the throughput ratio.
-    json(&mut env.deploy(hello, NS_DIRECT, PORT_DIRECT, &[]))?;
+    // 7. Throughput, as the issue defines it: pushes into the same registry through the API
+    //    server (port-forward) and straight to its NodePort, each into emptied storage (an
+    //    emptyDir registry whose pod is replaced), alternated so that a drift of the machine's
+    //    speed weighs on both; the best of each counts. Both are timed by deploy's own push
+    //    clock (`deploy --registry` pushes straight, with the same code).
+    json(&mut env.deploy(hello, NS_DIRECT, PORT_DIRECT, &["--storage", "emptydir"]))?;
     // Through the node's own address: the NodePort as a machine beside the cluster reaches
     // it (127.0.0.1 on the node goes through route_localnet's extra NAT, which on some nodes,
     // this test cluster's among them, crawls).
@@ -508,30 +514,50 @@ pub fn run(args: &[String]) -> Result<()> {
     } else {
         format!("{node_ip}:{PORT_DIRECT}")
     };
-    let t = Instant::now();
-    let direct_out = output(env.bundle().arg("push").arg(v1).args([
-        "--registry",
-        &host,
-        "--insecure-registry",
-        &host,
-    ]))?;
-    let direct = t.elapsed().as_secs_f64();
-    let direct_bytes: u64 = direct_out
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .windows(3)
-        .find(|w| w[1] == "bytes" && w[2] == "sent")
-        .and_then(|w| w[0].parse().ok())
-        .unwrap_or(0);
-    let direct_rate = direct_bytes as f64 / direct.max(1e-9);
-    let pf_rate = pf_bytes as f64 / pf_push.max(1e-9);
+    let direct_url = format!("http://{host}");
+    // The fastest push each way: (seconds, bytes).
+    let mut pf_best: Option<(f64, u64)> = None;
+    let mut direct_best: Option<(f64, u64)> = None;
+    let mut rounds = Vec::new();
+    for _ in 0..THROUGHPUT_ROUNDS {
+        let mut round = Vec::new();
+        for direct in [false, true] {
+            empty_registry(&env, NS_DIRECT)?;
+            let extra: &[&str] = if direct {
+                &["--registry", &direct_url, "--stats"]
+            } else {
+                &["--stats"]
+            };
+            let out = json(&mut env.deploy(v1, NS_DIRECT, PORT_DIRECT, extra))?;
+            let (secs, bytes) = (f64_at(&out, "push_seconds"), u64_at(&out, "bytes_sent"));
+            // Emptied storage means the whole archive went again.
+            if bytes < pf_bytes / 10 * 9 {
+                bail!("a push into emptied registry storage sent only {bytes} bytes: {out}");
+            }
+            let best = if direct {
+                &mut direct_best
+            } else {
+                &mut pf_best
+            };
+            if best.is_none_or(|(s, b)| (bytes as f64 / secs) > (b as f64 / s)) {
+                *best = Some((secs, bytes));
+            }
+            round.push(format!("{secs:.2}"));
+        }
+        rounds.push(round.join("/"));
+    }
+    let rate = |b: Option<(f64, u64)>| b.map_or(0.0, |(s, n)| n as f64 / s.max(1e-9));
+    let (pf_rate, direct_rate) = (rate(pf_best), rate(direct_best));
     let px_rate = px_bytes as f64 / px_push.max(1e-9);
     report.push(format!(
-        "direct bundle push to the NodePort ({host}): {direct:.2} s for {direct_bytes} bytes ({:.1} MB/s); through the API server: port-forward {:.2}x (target >= {RATIO_TARGET}: {}), proxy {:.2}x",
+        "push of {pf_bytes} bytes into emptied storage of one registry, port-forward/direct seconds per round: {}; best: port-forward {:.1} MB/s, direct to the NodePort ({host}) {:.1} MB/s: port-forward {:.2}x (target >= {RATIO_TARGET}: {}); proxy (step 6, a fresh registry) {:.2}x; the first deploy's push (just after seeding) {:.2}x",
+        rounds.join(", "),
+        pf_rate / 1e6,
         direct_rate / 1e6,
         pf_rate / direct_rate.max(1e-9),
         pass(pf_rate / direct_rate.max(1e-9) >= RATIO_TARGET),
-        px_rate / direct_rate.max(1e-9)
+        px_rate / direct_rate.max(1e-9),
+        pf_bytes as f64 / pf_push.max(1e-9) / direct_rate.max(1e-9),
     ));
 
     // 8. Remove everything.
@@ -560,6 +586,30 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("  - {line}");
     }
     Ok(())
+}
+
+/// Replaces the registry pod of `ns` (an emptyDir registry: its storage goes with it) and waits
+/// until the new one is ready.
+fn empty_registry(env: &Env, ns: &str) -> Result<()> {
+    let selector = "app.kubernetes.io/name=bundle-registry";
+    util::run(
+        env.kubectl(ns)
+            .args(["delete", "pod", "-l", selector, "--wait=true"]),
+    )?;
+    util::run(env.kubectl(ns).args([
+        "rollout",
+        "status",
+        "deployment/bundle-registry",
+        "--timeout=120s",
+    ]))?;
+    util::run(env.kubectl(ns).args([
+        "wait",
+        "pod",
+        "-l",
+        selector,
+        "--for=condition=Ready",
+        "--timeout=120s",
+    ]))
 }
 
 fn pass(ok: bool) -> &'static str {
