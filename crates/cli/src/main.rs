@@ -570,7 +570,7 @@ fn push(
         out!("{name} -> {to} ({digest})");
     }
     out!(
-        "pushed {} images in {:.1}s: {} blobs uploaded, {} already present, {} mounted, {} manifests ({} already there), {} bytes sent",
+        "pushed {} images in {:.2}s: {} blobs uploaded, {} already present, {} mounted, {} manifests ({} already there), {} bytes sent",
         report.images.len(),
         started.elapsed().as_secs_f64(),
         report.uploaded,
