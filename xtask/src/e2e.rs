@@ -18,6 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::registry;
 use crate::util::{self, cargo, root};
 
 const NS_MAIN: &str = "bundle-e2e";
@@ -625,27 +626,14 @@ fn empty_registry(env: &Env, ns: &str) -> Result<()> {
 
 /// Waits until the registry at `host` answers `GET /v2/` with 200 (at most a minute).
 fn wait_for_registry(host: &str) -> Result<()> {
-    use std::io::{Read as _, Write as _};
-    let addr: std::net::SocketAddr = host.parse().with_context(|| format!("address {host}"))?;
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let answered = (|| -> std::io::Result<bool> {
-            let t = std::time::Duration::from_secs(2);
-            let mut s = std::net::TcpStream::connect_timeout(&addr, t)?;
-            s.set_read_timeout(Some(t))?;
-            write!(s, "GET /v2/ HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
-            let mut head = [0u8; 12];
-            s.read_exact(&mut head)?;
-            Ok(head.ends_with(b" 200"))
-        })();
-        if matches!(answered, Ok(true)) {
-            return Ok(());
-        }
+    while !registry::answers(host) {
         if Instant::now() > deadline {
-            bail!("the registry at {host} did not answer GET /v2/ within a minute: {answered:?}");
+            bail!("the registry at {host} did not answer GET /v2/ within a minute");
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    Ok(())
 }
 
 /// Seconds and bytes sent from `bundle push`'s summary ("pushed N images in S.SSs: ... B bytes

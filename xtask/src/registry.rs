@@ -45,9 +45,13 @@ fn config(storage: &Path, port: u16) -> String {
     )
 }
 
-/// Whether `GET /v2/` on `addr` (`127.0.0.1:PORT`) answers 200.
-fn answers(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
+/// Whether `GET /v2/` on `addr` (`IP:PORT`) answers 200. Gives up after 2 s of silence (a
+/// NodePort whose traffic goes to a pod that is gone drops the connection attempt).
+pub fn answers(addr: &str) -> bool {
+    let Ok(sock) = addr.parse::<std::net::SocketAddr>() else {
+        return false;
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&sock, Duration::from_secs(2)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));

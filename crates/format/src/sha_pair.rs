@@ -13,10 +13,9 @@ pub(crate) fn digest_pair(a: &[u8], b: &[u8]) -> ([u8; 32], [u8; 32]) {
     if !ni::available() {
         return (Sha256::digest(a).into(), Sha256::digest(b).into());
     }
-    let paired = a.len().min(b.len()) / 64 * 64;
-    let (mut sa, mut sb) = (IV, IV);
-    ni::blocks2(&mut sa, &a[..paired], &mut sb, &b[..paired]);
-    (finish(sa, a, paired), finish(sb, b, paired))
+    let (mut sa, mut sb) = (Sha::new(), Sha::new());
+    update_pair(&mut sa, a, &mut sb, b);
+    (sa.finish(), sb.finish())
 }
 
 const IV: [u32; 8] = [
@@ -29,27 +28,6 @@ const IV: [u32; 8] = [
     0x1f83_d9ab,
     0x5be0_cd19,
 ];
-
-/// Hashes the rest of `msg` after its first `done` bytes (a multiple of 64) went into
-/// `state`, pads, and returns the digest. Only called when SHA-NI is available.
-fn finish(mut state: [u32; 8], msg: &[u8], done: usize) -> [u8; 32] {
-    let rest = &msg[done..];
-    let whole = rest.len() / 64 * 64;
-    ni::blocks1(&mut state, &rest[..whole]);
-    let tail = &rest[whole..];
-    let mut last = [0u8; 128];
-    last[..tail.len()].copy_from_slice(tail);
-    last[tail.len()] = 0x80;
-    let end = if tail.len() < 56 { 64 } else { 128 };
-    let bits = (msg.len() as u64).wrapping_mul(8);
-    last[end - 8..end].copy_from_slice(&bits.to_be_bytes());
-    ni::blocks1(&mut state, &last[..end]);
-    let mut out = [0u8; 32];
-    for (o, w) in out.chunks_exact_mut(4).zip(state) {
-        o.copy_from_slice(&w.to_be_bytes());
-    }
-    out
-}
 
 /// A streaming sha256 whose input can be fed together with another's ([`update_pair`]), for
 /// the writer: a blob's content and the frame that stores it are hashed side by side.

@@ -1045,9 +1045,9 @@ fn hash_content(
 
 /// Runs the pipeline: a reader thread cuts frames; worker threads (as many as rayon would
 /// use) compress them and hash those without blob content, two at a time when two wait; this
-/// thread puts the frames back in order, hashes blob content together with the frames that
-/// hold it (checking each blob's digest at its end), and appends the frames to the parts
-/// (direct IO where it can), while a syncer thread flushes data written through the page
+/// thread puts the frames back in order and hashes blob content together with the frames that
+/// hold it (checking each blob's digest at its end); a writer thread appends the frames to the
+/// parts (direct IO where it can), while a syncer thread flushes data written through the page
 /// cache to disk in the background so that the final fsync is short.
 fn pipeline(
     members: &[Member],
