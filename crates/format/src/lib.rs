@@ -6,6 +6,7 @@ pub mod index;
 pub mod read;
 mod sha_pair;
 mod sink;
+mod stored;
 pub mod tar;
 pub mod write;
 

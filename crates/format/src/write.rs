@@ -14,6 +14,7 @@ use serde_bytes::ByteArray;
 use crate::index::{self, BlobEntry, FileEntry, Frame, Image, Index, Part, Trailer};
 use crate::sha_pair::{Sha, update_pair};
 use crate::sink::{self, Sink};
+use crate::stored;
 use crate::{CHUNK, Digest, END_LEN, Error, MAX_FRAME_COMPRESSED, Result, tar};
 
 /// Where a blob's bytes come from.
@@ -297,9 +298,9 @@ fn plan(input: &BundleInput) -> Result<Vec<Member>> {
 struct Job {
     frame: u32,
     data: FrameData,
-    /// Compress literals as zstd's level would; `false` for a frame of already compressed
-    /// content (spec section 4).
-    literals: bool,
+    /// Stored, not compressed: a frame of already compressed content after its blob's first
+    /// (spec section 4).
+    stored: bool,
     /// The blob content in this frame, hashed by the writer thread.
     content: Option<ContentPart>,
 }
@@ -317,7 +318,7 @@ struct ContentPart {
 }
 
 /// Whether content starting with `start` is already compressed (gzip or zstd), so that its
-/// frames after the first are compressed without Huffman-coded literals (spec section 4).
+/// frames after the first are stored, not compressed (spec section 4).
 fn precompressed(start: &[u8]) -> bool {
     start.starts_with(&[0x1f, 0x8b]) || start.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
 }
@@ -376,11 +377,11 @@ fn produce(
 ) -> Result<()> {
     let mut open: Option<(PathBuf, File)> = None;
     let mut frame: u32 = 0;
-    let mut send = |data: FrameData, literals: bool, content: Option<ContentPart>| -> bool {
+    let mut send = |data: FrameData, stored: bool, content: Option<ContentPart>| -> bool {
         let job = Job {
             frame,
             data,
-            literals,
+            stored,
             content,
         };
         frame += 1;
@@ -439,9 +440,9 @@ fn produce(
         let (mut cstart, mut clen) = (len, 0usize);
         let mut done: u64 = 0;
         let mut pad_left = (tar::padded(size) - size) as usize;
-        // The first frame (tar header and the content's start) is compressed as zstd's level
-        // says; the frames after it without literal coding when the content is compressed.
-        let mut literals = true;
+        // The first frame (tar header and the content's start) is compressed; the frames after
+        // it are stored when the content is already compressed.
+        let mut precompressed_content = false;
         let mut first = true;
         loop {
             // A whole frame of file content is mapped, not copied.
@@ -451,7 +452,7 @@ fn produce(
             {
                 done += chunk as u64;
                 let content = part(0, chunk, done);
-                if !send(FrameData::Mapped(map), literals, content) {
+                if !send(FrameData::Mapped(map), precompressed_content, content) {
                     return Ok(());
                 }
                 continue;
@@ -463,7 +464,7 @@ fn produce(
                 fill(m, part, done, &mut open)?;
                 // The first fill is the content's start, in the first frame.
                 if done == 0 && is_blob {
-                    literals = !precompressed(part);
+                    precompressed_content = precompressed(part);
                 }
                 len += n;
                 clen += n;
@@ -478,7 +479,11 @@ fn produce(
             let last = done == size && pad_left == 0;
             if last {
                 let content = part(cstart, clen, done);
-                if !send(FrameData::Buffer(buf, len), literals || first, content) {
+                if !send(
+                    FrameData::Buffer(buf, len),
+                    precompressed_content && !first,
+                    content,
+                ) {
                     return Ok(());
                 }
                 break;
@@ -486,7 +491,11 @@ fn produce(
             if len == chunk {
                 let full = std::mem::replace(&mut buf, pool.take(chunk));
                 let content = part(cstart, clen, done);
-                if !send(FrameData::Buffer(full, len), literals || first, content) {
+                if !send(
+                    FrameData::Buffer(full, len),
+                    precompressed_content && !first,
+                    content,
+                ) {
                     return Ok(());
                 }
                 first = false;
@@ -494,7 +503,7 @@ fn produce(
             }
         }
     }
-    send(FrameData::Buffer(vec![0u8; END_LEN], END_LEN), true, None);
+    send(FrameData::Buffer(vec![0u8; END_LEN], END_LEN), false, None);
     Ok(())
 }
 
@@ -626,11 +635,6 @@ mod cctx {
     /// `ZSTD_c_blockSplitterLevel` (`ZSTD_c_experimentalParam20` in zstd 1.5.7).
     const BLOCK_SPLITTER_LEVEL: sys::ZSTD_cParameter =
         sys::ZSTD_cParameter::ZSTD_c_experimentalParam20;
-    /// `ZSTD_c_literalCompressionMode` (`ZSTD_c_experimentalParam5`).
-    const LITERAL_COMPRESSION_MODE: sys::ZSTD_cParameter =
-        sys::ZSTD_cParameter::ZSTD_c_experimentalParam5;
-    /// `ZSTD_ps_disable`: literals are stored, not Huffman-coded.
-    const PS_DISABLE: i32 = 2;
 
     pub(super) struct Cctx(NonNull<sys::ZSTD_CCtx>);
 
@@ -649,8 +653,8 @@ mod cctx {
     }
 
     impl Cctx {
-        /// A context for `level`; with `literals` false, literals are stored uncoded.
-        pub(super) fn new(level: i32, literals: bool) -> Result<Cctx, String> {
+        /// A context for `level`.
+        pub(super) fn new(level: i32) -> Result<Cctx, String> {
             // SAFETY: no preconditions; null means out of memory.
             let ptr = unsafe { sys::ZSTD_createCCtx() };
             let cctx = Cctx(NonNull::new(ptr).ok_or("cannot allocate a zstd context")?);
@@ -661,10 +665,7 @@ mod cctx {
                 // 1: blocks are never split before compression (zstd 1.5.7 would at every
                 // level); see spec section 4.
                 (BLOCK_SPLITTER_LEVEL, 1),
-            ]
-            .into_iter()
-            .chain((!literals).then_some((LITERAL_COMPRESSION_MODE, PS_DISABLE)))
-            {
+            ] {
                 // SAFETY: the context is valid until dropped.
                 check(unsafe { sys::ZSTD_CCtx_setParameter(cctx.0.as_ptr(), param, value) })?;
             }
@@ -703,32 +704,24 @@ mod cctx {
 }
 
 thread_local! {
-    /// This thread's contexts, by level and literal coding.
-    static COMPRESSORS: std::cell::RefCell<Vec<(i32, bool, cctx::Cctx)>> =
+    /// This thread's contexts, by level.
+    static COMPRESSORS: std::cell::RefCell<Vec<(i32, cctx::Cctx)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Compresses `data` into `out` (cleared first; its capacity is reused), with Huffman-coded
-/// literals unless `literals` is false.
-fn compress(data: &[u8], level: i32, literals: bool, frame: u32, out: &mut Vec<u8>) -> Result<()> {
+/// Compresses `data` into `out` (cleared first; its capacity is reused).
+fn compress(data: &[u8], level: i32, frame: u32, out: &mut Vec<u8>) -> Result<()> {
     let err = |message: String| Error::Compress { frame, message };
     COMPRESSORS.with(|c| {
         let mut c = c.borrow_mut();
-        let at = match c
-            .iter()
-            .position(|(l, lit, _)| *l == level && *lit == literals)
-        {
+        let at = match c.iter().position(|(l, _)| *l == level) {
             Some(at) => at,
             None => {
-                c.push((
-                    level,
-                    literals,
-                    cctx::Cctx::new(level, literals).map_err(err)?,
-                ));
+                c.push((level, cctx::Cctx::new(level).map_err(err)?));
                 c.len() - 1
             }
         };
-        c[at].2.compress(data, out).map_err(err)
+        c[at].1.compress(data, out).map_err(err)
     })
 }
 
@@ -985,7 +978,12 @@ fn compress_jobs(
             let mut bytes = outputs.take(0);
             let data = job.data.bytes();
             let dsize = data.len() as u32;
-            let res = compress(data, level, job.literals, job.frame, &mut bytes);
+            let res = if job.stored {
+                stored::store(data, &mut bytes);
+                Ok(())
+            } else {
+                compress(data, level, job.frame, &mut bytes)
+            };
             let input = match (job.content, job.data) {
                 (Some(part), data) => Some((data, part)),
                 (None, FrameData::Buffer(buf, _)) => {
@@ -1316,7 +1314,7 @@ mod tests {
     fn full_frame_bytes_are_pinned() {
         let data = sample();
         let mut out = Vec::new();
-        compress(&data, 3, true, 0, &mut out).unwrap();
+        compress(&data, 3, 0, &mut out).unwrap();
         assert_eq!(
             (out.len(), Digest::of(&out).to_string().as_str()),
             (
@@ -1325,24 +1323,22 @@ mod tests {
             ),
             "the bytes of a full frame changed: see spec/format-v1.md sections 4 and 9"
         );
-        // The same frame with literals stored uncoded (a frame of a gzip or zstd blob).
-        compress(&data, 3, false, 0, &mut out).unwrap();
+        // The same frame stored (a frame of a gzip or zstd blob after its first).
+        stored::store(&data, &mut out);
         assert_eq!(
             (out.len(), Digest::of(&out).to_string().as_str()),
             (
-                577_976,
-                "sha256:3a52dc63914b5f07a6ee0a6aa3f61ccd7be9b884674727a03f745e13eaf65c01"
+                1_040_421,
+                "sha256:d7cfcbca0e7af0b45a5fd7510ac8b88b0c1b228f6481ea0307d010b15bdddefe"
             ),
-            "the bytes of a full frame without literal coding changed: see spec/format-v1.md \
-             sections 4 and 9"
+            "the bytes of a full stored frame changed: see spec/format-v1.md section 4"
         );
     }
 
-    /// Frames of a blob whose content starts with the gzip or zstd magic are compressed
-    /// without literal coding, all but the first (tar header and content start); any other
-    /// blob's frames with it.
+    /// Frames of a blob whose content starts with the gzip or zstd magic are stored, all but
+    /// the first (tar header and content start); any other blob's frames are compressed.
     #[test]
-    fn precompressed_blobs_store_literals_after_their_first_frame() {
+    fn precompressed_blobs_are_stored_after_their_first_frame() {
         let dir = tempfile::tempdir().unwrap();
         let chunk = CHUNK as usize;
         let blob_of = |magic: &[u8]| {
@@ -1392,15 +1388,14 @@ mod tests {
             let second = archive.frame(entry.first_frame + 1).unwrap();
             let content = &b[chunk - 512..2 * chunk - 512];
             let (mut with, mut without) = (Vec::new(), Vec::new());
-            compress(content, 3, true, 0, &mut with).unwrap();
-            compress(content, 3, false, 0, &mut without).unwrap();
-            assert_ne!(with, without, "the sample does not tell the two apart");
+            compress(content, 3, 0, &mut with).unwrap();
+            stored::store(content, &mut without);
             let want = if coded { &with } else { &without };
             assert!(second == want.as_slice(), "magic {:02x?}", &b[..4]);
-            // The first frame always codes literals.
+            // The first frame is always compressed.
             let mut first = tar::header(&tar::blob_path(&entry.digest), b.len() as u64).to_vec();
             first.extend_from_slice(&b[..chunk - 512]);
-            compress(&first, 3, true, 0, &mut with).unwrap();
+            compress(&first, 3, 0, &mut with).unwrap();
             assert!(archive.frame(entry.first_frame).unwrap() == with.as_slice());
         }
     }
