@@ -88,9 +88,10 @@ enum Command {
         /// Chunk size for large blobs.
         #[arg(long, default_value = "32MiB", value_parser = config::parse_size)]
         chunk_size: u64,
-        /// Hash every frame against the archive's index before sending it (without it, zstd's
-        /// frame checksums and the registry's digest check guard the content, and a blob the
-        /// registry refuses has its frames hashed to name the damaged one).
+        /// Hash every frame against the archive's index before sending it (without it, the
+        /// registry's digest check guards the content, with zstd's checksums of compressed
+        /// frames, and a blob the registry refuses has its frames hashed to name the damaged
+        /// one).
         #[arg(long)]
         verify: bool,
         #[command(flatten)]

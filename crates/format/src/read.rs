@@ -14,14 +14,15 @@ use crate::{Digest, END_LEN, Error, Hasher, Index, Result, tar};
 
 /// Bytes of one part: a read-only file mapping, or bytes in memory (fuzzing, tests).
 enum Data {
-    Map(Mmap),
+    /// A part file's mapping, and the file (for positional reads around the mapping).
+    Map(Mmap, File),
     Bytes(Vec<u8>),
 }
 
 impl Data {
     fn bytes(&self) -> &[u8] {
         match self {
-            Data::Map(m) => m,
+            Data::Map(m, _) => m,
             Data::Bytes(b) => b,
         }
     }
@@ -29,7 +30,7 @@ impl Data {
     /// Tells the kernel we are done with a range, so that sequential passes over a large
     /// archive do not keep it all resident.
     fn release(&self, start: usize, len: usize) {
-        if let Data::Map(m) = self {
+        if let Data::Map(m, _) = self {
             #[allow(unsafe_code)]
             // SAFETY: the mapping is a read-only MAP_SHARED file mapping; MADV_DONTNEED only
             // drops our page-table entries and later reads fault the file's pages back in,
@@ -164,7 +165,7 @@ fn map(path: &Path) -> Result<Data> {
     // frame and blob digests then reject, or, by truncating the file in place, fault the
     // process (SIGBUS); replacing an archive by rename is safe (ARCHITECTURE.md, invariants).
     let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-    Ok(Data::Map(m))
+    Ok(Data::Map(m, f))
 }
 
 fn check_part_count(index: &Index, t: &Trailer) -> Result<()> {
@@ -534,6 +535,78 @@ impl Archive {
             )));
         }
         Ok(())
+    }
+
+    /// The content of a stored frame (spec section 4), read from its part file into `out`
+    /// (cleared first) with one positional read that leaves the block headers out: no
+    /// mapping, no decompression. Returns `false`, with `out` empty, for any frame that is not
+    /// laid out as a stored frame of its index size (a compressed frame, a damaged header,
+    /// an archive held in memory): the caller then reads it with [`Archive::read_frame`],
+    /// which checks everything. Checks neither the frame's sha256 nor its XXH64: for a reader
+    /// whose receiver checks the blob's digest (push), as `read_frame` without `hash`.
+    pub fn read_stored(&self, frame: u32, out: &mut Vec<u8>) -> Result<bool> {
+        out.clear();
+        let (slot, off, len) = self.locate(frame)?;
+        let dsize = self.index.frames[frame as usize].dsize() as usize;
+        let Data::Map(_, file) = &slot.data else {
+            return Ok(false);
+        };
+        if len != crate::stored::stored_len(dsize) || dsize == 0 {
+            return Ok(false);
+        }
+        let blocks = dsize.div_ceil(crate::stored::BLOCK);
+        // The frame header, each block's header, then the checksum: what is not content.
+        let mut head = [0u8; 9];
+        let mut block_heads = vec![[0u8; 3]; blocks];
+        let mut sum = [0u8; 4];
+        out.reserve(dsize);
+        let spare = out.spare_capacity_mut();
+        let mut iov = Vec::with_capacity(2 * blocks + 2);
+        let io = |ptr: *mut u8, len: usize| libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        };
+        iov.push(io(head.as_mut_ptr(), head.len()));
+        for (k, bh) in block_heads.iter_mut().enumerate() {
+            let start = k * crate::stored::BLOCK;
+            let n = crate::stored::BLOCK.min(dsize - start);
+            iov.push(io(bh.as_mut_ptr(), 3));
+            iov.push(io(spare[start..start + n].as_mut_ptr().cast(), n));
+        }
+        iov.push(io(sum.as_mut_ptr(), sum.len()));
+        #[allow(unsafe_code)]
+        // SAFETY: every iovec points into a live buffer of at least its length (`head`,
+        // `block_heads`, `sum`, and `out`'s spare capacity of at least `dsize` bytes), none
+        // overlapping, all outliving the call.
+        let n = unsafe {
+            libc::preadv(
+                std::os::unix::io::AsRawFd::as_raw_fd(file),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                off as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(Error::io(&slot.path, std::io::Error::last_os_error()));
+        }
+        let want = crate::stored::header(dsize);
+        let layout_ok = n as usize == len
+            && head == want
+            && block_heads.iter().enumerate().all(|(k, bh)| {
+                let start = k * crate::stored::BLOCK;
+                let n = crate::stored::BLOCK.min(dsize - start);
+                *bh == crate::stored::block_header(n, k + 1 == blocks)
+            });
+        if !layout_ok {
+            return Ok(false);
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: the read filled all `len` bytes, so every content iovec, which together
+        // cover `out`'s first `dsize` spare bytes, was filled.
+        unsafe {
+            out.set_len(dsize)
+        };
+        Ok(true)
     }
 
     /// Drops a frame's pages from this process, together with the 64 KiB around it that the

@@ -3,7 +3,7 @@
 //! search on such bytes costs about ten times that and saves under 1% of them.
 
 /// Largest raw block: zstd's `Block_Maximum_Size` (128 KiB).
-const BLOCK: usize = 128 << 10;
+pub(crate) const BLOCK: usize = 128 << 10;
 
 /// zstd's frame magic, little-endian on the wire.
 const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -25,22 +25,33 @@ pub(crate) fn stored_len(len: usize) -> usize {
 pub(crate) fn store(data: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.reserve(stored_len(data.len()));
-    out.extend_from_slice(&MAGIC);
-    out.push(DESCRIPTOR);
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header(data.len()));
     let mut blocks = data.chunks(BLOCK).peekable();
     if blocks.peek().is_none() {
-        // Last_Block, Raw_Block, size 0.
-        out.extend_from_slice(&[1, 0, 0]);
+        out.extend_from_slice(&block_header(0, true));
     }
     while let Some(block) = blocks.next() {
-        let last = u32::from(blocks.peek().is_none());
-        // Block_Header: Last_Block (bit 0), Block_Type 0 = Raw (bits 1-2), Block_Size.
-        let header = ((block.len() as u32) << 3) | last;
-        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(&block_header(block.len(), blocks.peek().is_none()));
         out.extend_from_slice(block);
     }
     out.extend_from_slice(&(xxh64(data, 0) as u32).to_le_bytes());
+}
+
+/// A stored frame's first 9 bytes: magic, descriptor, content size.
+pub(crate) fn header(len: usize) -> [u8; 9] {
+    let mut h = [0u8; 9];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = DESCRIPTOR;
+    h[5..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
+/// `Block_Header` of a raw block: `Last_Block` (bit 0), `Block_Type` 0 (bits 1-2),
+/// `Block_Size` (bits 3-23), little-endian.
+pub(crate) fn block_header(len: usize, last: bool) -> [u8; 3] {
+    let v = ((len as u32) << 3) | u32::from(last);
+    let b = v.to_le_bytes();
+    [b[0], b[1], b[2]]
 }
 
 const P1: u64 = 0x9E37_79B1_85EB_CA87;

@@ -1398,5 +1398,46 @@ mod tests {
             compress(&first, 3, 0, &mut with).unwrap();
             assert!(archive.frame(entry.first_frame).unwrap() == with.as_slice());
         }
+        // `read_stored` reads exactly the stored frames, to the bytes they decompress to.
+        let (mut direct, mut decoded) = (Vec::new(), Vec::new());
+        let mut stored_frames = 0;
+        for f in 0..archive.index().frames.len() as u32 {
+            archive.decompress_frame(f, &mut decoded).unwrap();
+            let want_stored = stored::stored_len(decoded.len()) == archive.frame(f).unwrap().len()
+                && archive.frame(f).unwrap()[..9] == stored::header(decoded.len());
+            assert_eq!(
+                archive.read_stored(f, &mut direct).unwrap(),
+                want_stored,
+                "frame {f}"
+            );
+            if want_stored {
+                stored_frames += 1;
+                assert!(direct == decoded, "frame {f}");
+            } else {
+                assert!(direct.is_empty());
+            }
+        }
+        // Frames 2 to 4 of the gzip and of the zstd blob (the fourth holds the last 512
+        // content bytes).
+        assert_eq!(stored_frames, 6);
+        // A damaged block header: not read as stored (decompression then reports it).
+        let entry = archive
+            .index()
+            .blobs
+            .iter()
+            .find(|e| e.digest == Digest::of(&blobs[0]))
+            .unwrap();
+        let f = entry.first_frame + 1;
+        let at = archive.index().frames[f as usize].offset() + 9 + 131_072 + 3;
+        let file = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+        file.write_all_at(&[0xff], at).unwrap();
+        drop(file);
+        let damaged = crate::Archive::open(&out).unwrap();
+        assert!(!damaged.read_stored(f, &mut direct).unwrap());
+        assert!(damaged.decompress_frame(f, &mut decoded).is_err());
+        // An archive held in memory has no file to read from.
+        let bytes = std::fs::read(&out).unwrap();
+        let in_memory = crate::Archive::from_bytes(vec![bytes]).unwrap();
+        assert!(!in_memory.read_stored(f, &mut direct).unwrap());
     }
 }

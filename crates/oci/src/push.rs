@@ -141,10 +141,10 @@ pub struct PushOptions {
     pub jobs: usize,
     /// Chunk size for chunked uploads.
     pub chunk_size: u64,
-    /// Hash every frame against the archive's index before sending it. Without it, frames
-    /// are checked by their zstd content checksums as they are decompressed and each blob by
-    /// the registry against its digest; a blob the registry refuses has its frames hashed
-    /// then, to name the damaged one.
+    /// Hash every frame against the archive's index before sending it. Without it, each blob
+    /// is checked by the registry against its digest (and compressed frames by their zstd
+    /// content checksums as they are decompressed; stored frames are sent as they lie); a
+    /// blob the registry refuses has its frames hashed then, to name the damaged one.
     pub verify: bool,
 }
 
@@ -263,8 +263,9 @@ impl http_body::Body for ChannelBody {
 const BUFFERS_PER_JOB: usize = 4;
 
 /// Bodies for `[offset, offset+len)` of a blob: a blocking thread reads the frames that hold
-/// those bytes, checks each against the index's sha256 (nothing unverified leaves the
-/// machine), decompresses it into a pooled buffer and sends the content range of it as is.
+/// those bytes into pooled buffers (a stored frame's content with one positional read, any
+/// other decompressed; with `verify`, each checked against the index's sha256 first) and
+/// sends the content range of each as is.
 /// The blob's digest is not computed here: the registry computes it from what it receives
 /// and refuses the closing PUT on a mismatch, so hashing the content again would only take
 /// CPU from the registry on the same machine.
@@ -293,9 +294,18 @@ fn body_factory(
                 if tx.is_closed() {
                     return;
                 }
-                // Hashed only with `verify`; the frame's pages are dropped once read (one
-                // pass over the archive).
-                if let Err(e) = archive.read_frame(frame, verify, &mut buf.0) {
+                // A stored frame (an already compressed blob's) is read straight from the
+                // file, without its block headers; any other is decompressed. Hashed only with
+                // `verify`; the frame's pages are dropped once read (one pass over the archive).
+                let read = match verify {
+                    true => Ok(false),
+                    false => archive.read_stored(frame, &mut buf.0),
+                }
+                .and_then(|stored| match stored {
+                    true => Ok(()),
+                    false => archive.read_frame(frame, verify, &mut buf.0),
+                });
+                if let Err(e) = read {
                     let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
                     return;
                 }

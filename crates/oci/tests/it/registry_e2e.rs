@@ -111,12 +111,19 @@ fn mem_blob(bytes: Vec<u8>, media_type: &str) -> BlobInput {
 
 /// One image with `layers` incompressible layers of `size` bytes each.
 fn big_archive(dir: &Path, layers: usize, size: usize) -> Arc<Archive> {
+    big_archive_of(dir, layers, size, false)
+}
+
+/// [`big_archive`]; with `gzip_magic`, each layer starts with `1f 8b`, so that its frames after
+/// the first are stored (spec/format-v1.md section 4).
+fn big_archive_of(dir: &Path, layers: usize, size: usize, gzip_magic: bool) -> Arc<Archive> {
     let mut blobs: Vec<BlobInput> = (0..layers)
         .map(|i| {
-            mem_blob(
-                bundle_testimages::noise(i as u64 + 1, size),
-                "application/vnd.oci.image.layer.v1.tar+gzip",
-            )
+            let mut noise = bundle_testimages::noise(i as u64 + 1, size);
+            if gzip_magic {
+                noise[..2].copy_from_slice(&[0x1f, 0x8b]);
+            }
+            mem_blob(noise, "application/vnd.oci.image.layer.v1.tar+gzip")
         })
         .collect();
     let config = mem_blob(
@@ -559,6 +566,81 @@ fn a_forged_frame_is_named_with_and_without_verify() {
             ))
             .unwrap();
         assert_eq!(have, None, "verify {verify}: the forged blob landed");
+    }
+}
+
+/// Stored frames (an already compressed layer's) are sent as they lie in the file, block
+/// contents only: the pushed blob is exactly the layer (skopeo reads it back by digest). A
+/// stored frame whose content was changed on disk is not hashed on the way out without
+/// `verify`; the registry refuses the blob and push names the frame. One whose block header
+/// was damaged is decompressed instead, which names it too.
+#[test]
+fn stored_frames_are_sent_as_they_lie_and_damage_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = big_archive_of(dir.path(), 2, 3 << 20, true);
+    let layer = archive
+        .index()
+        .blobs
+        .iter()
+        .max_by_key(|b| b.size)
+        .unwrap()
+        .clone();
+    let k = layer.first_frame + 1;
+    let mut content = Vec::new();
+    assert!(
+        archive.read_stored(k, &mut content).unwrap(),
+        "frame {k} is stored"
+    );
+    let reg = Registry::start(Mode::Plain);
+    let host = reg.host();
+    let c = client(&reg, &host, None);
+    let rt = rt();
+    let report = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 2)).unwrap();
+    check_with_skopeo(&reg, &report);
+
+    let frame = &archive.index().frames[k as usize];
+    let offset = frame.offset() as usize;
+    drop(archive);
+    let path = dir.path().join("big.bundle");
+    let pristine = std::fs::read(&path).unwrap();
+    // A content byte of the second block, then the second block's header.
+    for (at, what) in [
+        (9 + 131_072 + 3 + 100, "content"),
+        (9 + 131_072 + 1, "block header"),
+    ] {
+        let mut bytes = pristine.clone();
+        bytes[offset + at] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let archive = Arc::new(Archive::open(&path).unwrap());
+        let reg = Registry::start(Mode::Plain);
+        let host = reg.host();
+        let c = client(&reg, &host, None);
+        for verify in [false, true] {
+            let o = PushOptions {
+                verify,
+                ..opts(&host, 1 << 20, 2)
+            };
+            let e = push_all(&rt, &c, &archive, &o).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("frame {k} ")),
+                "{what}, verify {verify}: {e}"
+            );
+            let repo = bundle_oci::Repo {
+                registry: host.clone(),
+                name: "big/app".into(),
+            };
+            let have = rt
+                .block_on(c.blob_size(
+                    &repo,
+                    &bundle_oci::Scope::Pull(repo.name.clone()),
+                    &layer.digest,
+                ))
+                .unwrap();
+            assert_eq!(
+                have, None,
+                "{what}, verify {verify}: the damaged blob landed"
+            );
+        }
     }
 }
 
