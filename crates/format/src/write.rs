@@ -1440,4 +1440,99 @@ mod tests {
         let in_memory = crate::Archive::from_bytes(vec![bytes]).unwrap();
         assert!(!in_memory.read_stored(f, &mut direct).unwrap());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// `read_stored` on a stored frame with bytes changed on disk: it reads the frame as
+        /// stored exactly when its header and block headers are intact (the layout), and then
+        /// gives the payload bytes as they are in the file; otherwise nothing. Never panics.
+        #[test]
+        fn read_stored_takes_only_intact_layouts(
+            frame_pick in 0usize..2,
+            flips in proptest::collection::vec((0usize..1_040_421, 1u8..=255), 1..4),
+            near_header in proptest::prelude::any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, archive, layer) = stored_fixture(dir.path());
+            let blob = archive.index().blob(&layer).unwrap();
+            let f = blob.first_frame + 1 + frame_pick as u32;
+            let fr = &archive.index().frames[f as usize];
+            let (offset, csize) = (fr.offset() as usize, fr.csize() as usize);
+            let dsize = fr.dsize() as usize;
+            drop(archive);
+            let pristine = std::fs::read(&path).unwrap();
+            let mut bytes = pristine.clone();
+            let layout: Vec<usize> = (0..9)
+                .chain((0..dsize.div_ceil(stored::BLOCK)).flat_map(|k| {
+                    let at = 9 + k * (stored::BLOCK + 3);
+                    at..at + 3
+                }))
+                .collect();
+            for (at, x) in flips {
+                // Half the cases aim at the layout bytes, which random offsets rarely hit.
+                let at = if near_header { layout[at % layout.len()] } else { at % csize };
+                bytes[offset + at] ^= x;
+            }
+            // (Two flips of one byte may cancel out.)
+            let layout_changed = layout
+                .iter()
+                .any(|&at| bytes[offset + at] != pristine[offset + at]);
+            std::fs::write(&path, &bytes).unwrap();
+            let archive = crate::Archive::open(&path).unwrap();
+            let mut out = vec![7u8; 3];
+            let taken = archive.read_stored(f, &mut out).unwrap();
+            proptest::prop_assert_eq!(taken, !layout_changed);
+            if taken {
+                let payload: Vec<u8> = (0..dsize.div_ceil(stored::BLOCK))
+                    .flat_map(|k| {
+                        let start = offset + 9 + k * (stored::BLOCK + 3) + 3;
+                        let n = stored::BLOCK.min(dsize - k * stored::BLOCK);
+                        bytes[start..start + n].to_vec()
+                    })
+                    .collect();
+                proptest::prop_assert!(out == payload);
+            } else {
+                proptest::prop_assert!(out.is_empty());
+            }
+        }
+    }
+
+    /// An archive whose only layer starts with the gzip magic and spans three frames: the
+    /// second (full) and the third (short) are stored.
+    fn stored_fixture(dir: &Path) -> (PathBuf, crate::Archive, Digest) {
+        let chunk = CHUNK as usize;
+        let mut layer = vec![0x1f, 0x8b];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        while layer.len() < 2 * chunk {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            layer.push(x as u8);
+        }
+        let manifest = br#"{"schemaVersion":2}"#.to_vec();
+        let mut input = BundleInput {
+            name: "stored".into(),
+            version: "1".into(),
+            ..BundleInput::default()
+        };
+        input.images.push(ImageInput {
+            name: "x/y:1".into(),
+            digest: Digest::of(&manifest),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: manifest.len() as u64,
+            platforms: Vec::new(),
+        });
+        for b in [&layer, &manifest] {
+            input.blobs.push(BlobInput {
+                digest: Digest::of(b),
+                size: b.len() as u64,
+                media_type: None,
+                content: Content::Bytes(b.as_slice().into()),
+            });
+        }
+        let out = dir.join("stored.bundle");
+        write(&input, &out, &WriteOptions::default()).unwrap();
+        let archive = crate::Archive::open(&out).unwrap();
+        (out, archive, Digest::of(&layer))
+    }
 }
