@@ -1353,27 +1353,7 @@ mod tests {
             .iter()
             .map(|m| blob_of(m))
             .collect();
-        let manifest = br#"{"schemaVersion":2}"#.to_vec();
-        let mut input = BundleInput {
-            name: "lit".into(),
-            version: "1".into(),
-            ..BundleInput::default()
-        };
-        input.images.push(ImageInput {
-            name: "x/y:1".into(),
-            digest: Digest::of(&manifest),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            size: manifest.len() as u64,
-            platforms: Vec::new(),
-        });
-        for b in blobs.iter().chain([&manifest]) {
-            input.blobs.push(BlobInput {
-                digest: Digest::of(b),
-                size: b.len() as u64,
-                media_type: None,
-                content: Content::Bytes(b.as_slice().into()),
-            });
-        }
+        let input = one_image_input(&blobs.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let out = dir.path().join("lit.bundle");
         write(&input, &out, &WriteOptions::default()).unwrap();
         let archive = crate::Archive::open(&out).unwrap();
@@ -1509,9 +1489,18 @@ mod tests {
             x ^= x << 17;
             layer.push(x as u8);
         }
+        let input = one_image_input(&[&layer]);
+        let out = dir.join("stored.bundle");
+        write(&input, &out, &WriteOptions::default()).unwrap();
+        let archive = crate::Archive::open(&out).unwrap();
+        (out, archive, Digest::of(&layer))
+    }
+
+    /// One image (a stub manifest) over `blobs`, for tests that care about the blobs' frames.
+    fn one_image_input(blobs: &[&[u8]]) -> BundleInput {
         let manifest = br#"{"schemaVersion":2}"#.to_vec();
         let mut input = BundleInput {
-            name: "stored".into(),
+            name: "frames".into(),
             version: "1".into(),
             ..BundleInput::default()
         };
@@ -1522,17 +1511,14 @@ mod tests {
             size: manifest.len() as u64,
             platforms: Vec::new(),
         });
-        for b in [&layer, &manifest] {
+        for b in blobs.iter().copied().chain([manifest.as_slice()]) {
             input.blobs.push(BlobInput {
                 digest: Digest::of(b),
                 size: b.len() as u64,
                 media_type: None,
-                content: Content::Bytes(b.as_slice().into()),
+                content: Content::Bytes(b.into()),
             });
         }
-        let out = dir.join("stored.bundle");
-        write(&input, &out, &WriteOptions::default()).unwrap();
-        let archive = crate::Archive::open(&out).unwrap();
-        (out, archive, Digest::of(&layer))
+        input
     }
 }
