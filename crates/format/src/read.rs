@@ -558,6 +558,8 @@ impl Archive {
         // The frame header, each block's header, then the checksum: what is not content.
         let mut head = [0u8; 9];
         let mut block_heads = vec![[0u8; 3]; blocks];
+        // What each block header must read: the block's length, the last one marked.
+        let mut want_heads = Vec::with_capacity(blocks);
         let mut sum = [0u8; 4];
         out.reserve(dsize);
         let spare = out.spare_capacity_mut();
@@ -570,6 +572,7 @@ impl Archive {
         for (k, bh) in block_heads.iter_mut().enumerate() {
             let start = k * crate::stored::BLOCK;
             let n = crate::stored::BLOCK.min(dsize - start);
+            want_heads.push(crate::stored::block_header(n, k + 1 == blocks));
             iov.push(io(bh.as_mut_ptr(), 3));
             iov.push(io(spare[start..start + n].as_mut_ptr().cast(), n));
         }
@@ -589,14 +592,8 @@ impl Archive {
         if n < 0 {
             return Err(Error::io(&slot.path, std::io::Error::last_os_error()));
         }
-        let want = crate::stored::header(dsize);
-        let layout_ok = n as usize == len
-            && head == want
-            && block_heads.iter().enumerate().all(|(k, bh)| {
-                let start = k * crate::stored::BLOCK;
-                let n = crate::stored::BLOCK.min(dsize - start);
-                *bh == crate::stored::block_header(n, k + 1 == blocks)
-            });
+        let layout_ok =
+            n as usize == len && head == crate::stored::header(dsize) && block_heads == want_heads;
         if !layout_ok {
             return Ok(false);
         }
