@@ -571,7 +571,7 @@ fn push(
         out!("{name} -> {to} ({digest})");
     }
     out!(
-        "pushed {} images in {:.2}s: {} blobs uploaded, {} already present, {} mounted, {} manifests ({} already there), {} bytes sent",
+        "pushed {} images in {:.2}s: {} blobs uploaded, {} already present, {} mounted, {} manifests ({} already there), {} bytes sent ({} of them straight from the archive file)",
         report.images.len(),
         started.elapsed().as_secs_f64(),
         report.uploaded,
@@ -579,7 +579,8 @@ fn push(
         report.mounted,
         report.manifests,
         report.manifests_present,
-        report.bytes_sent
+        report.bytes_sent,
+        report.bytes_from_files
     );
     Ok(())
 }

@@ -13,7 +13,7 @@ pub mod write;
 pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};
 pub use index::Index;
-pub use read::{Archive, BlobReader, VerifyReport};
+pub use read::{Archive, BlobReader, StoredFrame, VerifyReport};
 pub use write::{
     Arrival, ArrivalError, Arrivals, BlobInput, BundleInput, Content, ImageInput, WriteOptions,
     WriteSummary, write, write_arriving,

@@ -4,6 +4,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::Mmap;
@@ -14,8 +15,9 @@ use crate::{Digest, END_LEN, Error, Hasher, Index, Result, tar};
 
 /// Bytes of one part: a read-only file mapping, or bytes in memory (fuzzing, tests).
 enum Data {
-    /// A part file's mapping, and the file (for positional reads around the mapping).
-    Map(Mmap, File),
+    /// A part file's mapping, and the file (for positional reads around the mapping, and for
+    /// [`StoredFrame`]s handed out).
+    Map(Mmap, Arc<File>),
     Bytes(Vec<u8>),
 }
 
@@ -55,6 +57,44 @@ pub struct Archive {
     parts: Vec<Option<PartSlot>>,
     /// One bit per frame: its sha256 was checked in this process (see [`Archive::frame`]).
     checked: Checked,
+}
+
+/// A stored frame's content as it lies in its part file ([`Archive::stored_frame`]): what a
+/// sender can hand the kernel to copy straight from the file (sendfile).
+#[derive(Debug, Clone)]
+pub struct StoredFrame {
+    /// The part file.
+    pub file: Arc<File>,
+    /// Its path, for messages.
+    pub path: PathBuf,
+    /// `(offset in the file, length)` of each block's content, in order.
+    pub segments: Vec<(u64, u64)>,
+}
+
+impl StoredFrame {
+    /// Content bytes of the frame.
+    pub fn len(&self) -> u64 {
+        self.segments.iter().map(|s| s.1).sum()
+    }
+
+    /// Whether the frame holds no content (never, for a stored frame of an archive).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The file ranges that hold content bytes `range` of the frame.
+    pub fn slice(&self, range: std::ops::Range<u64>) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = 0u64;
+        for &(off, n) in &self.segments {
+            let (from, to) = (range.start.max(at), range.end.min(at + n));
+            if from < to {
+                out.push((off + (from - at), to - from));
+            }
+            at += n;
+        }
+        out
+    }
 }
 
 /// Frames already checked against the index, so that a server reading the same frame again
@@ -165,7 +205,7 @@ fn map(path: &Path) -> Result<Data> {
     // frame and blob digests then reject, or, by truncating the file in place, fault the
     // process (SIGBUS); replacing an archive by rename is safe (ARCHITECTURE.md, invariants).
     let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-    Ok(Data::Map(m, f))
+    Ok(Data::Map(m, Arc::new(f)))
 }
 
 fn check_part_count(index: &Index, t: &Trailer) -> Result<()> {
@@ -537,68 +577,122 @@ impl Archive {
         Ok(())
     }
 
-    /// The content of a stored frame (spec section 4), read from its part file into `out`
-    /// (cleared first) with one positional read that leaves the block headers out: no
-    /// mapping, no decompression. Returns `false`, with `out` empty, for any frame that is not
-    /// laid out as a stored frame of its index size (a compressed frame, a damaged header,
+    /// Where a stored frame's content lies in its part file (spec section 4): the file and,
+    /// for each block, the offset and length of its content, after checking that the frame
+    /// header and every block header are exactly the layout of a stored frame of the index's
+    /// size and that the file holds the whole frame (a few small positional reads; the
+    /// content is not read). `None` for any other frame (a compressed one, a damaged header,
     /// an archive held in memory): the caller then reads it with [`Archive::read_frame`],
     /// which checks everything. Checks neither the frame's sha256 nor its XXH64: for a reader
     /// whose receiver checks the blob's digest (push), as `read_frame` without `hash`.
-    pub fn read_stored(&self, frame: u32, out: &mut Vec<u8>) -> Result<bool> {
-        out.clear();
+    pub fn stored_frame(&self, frame: u32) -> Result<Option<StoredFrame>> {
+        use crate::stored::{BLOCK, block_header, header, stored_len};
+        use std::os::unix::fs::FileExt as _;
         let (slot, off, len) = self.locate(frame)?;
         let dsize = self.index.frames[frame as usize].dsize() as usize;
         let Data::Map(_, file) = &slot.data else {
+            return Ok(None);
+        };
+        if len != stored_len(dsize) || dsize == 0 {
+            return Ok(None);
+        }
+        let off = off as u64;
+        // A read that fails or comes short means the layout is not there; a real I/O error
+        // shows again when the frame is read the other way.
+        let has = |at: u64, want: &[u8]| {
+            let mut got = [0u8; 9];
+            let got = &mut got[..want.len()];
+            file.read_exact_at(got, at).is_ok() && got == want
+        };
+        if !has(off, &header(dsize)) {
+            return Ok(None);
+        }
+        let blocks = dsize.div_ceil(BLOCK);
+        let mut segments = Vec::with_capacity(blocks);
+        for k in 0..blocks {
+            let n = BLOCK.min(dsize - k * BLOCK);
+            let at = off + 9 + (k * (BLOCK + 3)) as u64;
+            if !has(at, &block_header(n, k + 1 == blocks)) {
+                return Ok(None);
+            }
+            segments.push((at + 3, n as u64));
+        }
+        // The checksum's 4 bytes end the frame: the file holds all of it.
+        let mut sum = [0u8; 4];
+        if file.read_exact_at(&mut sum, off + len as u64 - 4).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(StoredFrame {
+            file: Arc::clone(file),
+            path: slot.path.clone(),
+            segments,
+        }))
+    }
+
+    /// The content of a stored frame (see [`Archive::stored_frame`]) read into `out` (cleared
+    /// first) with one positional read that leaves the block headers out: no mapping, no
+    /// decompression. Returns `false`, with `out` empty, for any frame that is not laid out as
+    /// a stored frame of its index size.
+    pub fn read_stored(&self, frame: u32, out: &mut Vec<u8>) -> Result<bool> {
+        out.clear();
+        let Some(stored) = self.stored_frame(frame)? else {
             return Ok(false);
         };
-        if len != crate::stored::stored_len(dsize) || dsize == 0 {
-            return Ok(false);
-        }
-        let blocks = dsize.div_ceil(crate::stored::BLOCK);
-        // The frame header, each block's header, then the checksum: what is not content.
-        let mut head = [0u8; 9];
-        let mut block_heads = vec![[0u8; 3]; blocks];
-        // What each block header must read: the block's length, the last one marked.
-        let mut want_heads = Vec::with_capacity(blocks);
-        let mut sum = [0u8; 4];
+        let dsize = stored.len() as usize;
         out.reserve(dsize);
         let spare = out.spare_capacity_mut();
-        let mut iov = Vec::with_capacity(2 * blocks + 2);
-        let io = |ptr: *mut u8, len: usize| libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len,
-        };
-        iov.push(io(head.as_mut_ptr(), head.len()));
-        for (k, bh) in block_heads.iter_mut().enumerate() {
-            let start = k * crate::stored::BLOCK;
-            let n = crate::stored::BLOCK.min(dsize - start);
-            want_heads.push(crate::stored::block_header(n, k + 1 == blocks));
-            iov.push(io(bh.as_mut_ptr(), 3));
-            iov.push(io(spare[start..start + n].as_mut_ptr().cast(), n));
+        let mut iov = Vec::with_capacity(stored.segments.len());
+        let mut at = 0;
+        for &(_, n) in &stored.segments {
+            let n = n as usize;
+            iov.push(libc::iovec {
+                iov_base: spare[at..at + n].as_mut_ptr().cast(),
+                iov_len: n,
+            });
+            at += n;
         }
-        iov.push(io(sum.as_mut_ptr(), sum.len()));
+        // The blocks lie 3 bytes apart: read the frame's body from the first block's content
+        // into the blocks' places, the headers between them into a scratch iovec each.
+        let mut gaps = vec![[0u8; 3]; stored.segments.len().saturating_sub(1)];
+        let mut vecs = Vec::with_capacity(iov.len() * 2);
+        for (k, v) in iov.into_iter().enumerate() {
+            if k > 0 {
+                vecs.push(libc::iovec {
+                    iov_base: gaps[k - 1].as_mut_ptr().cast(),
+                    iov_len: 3,
+                });
+            }
+            vecs.push(v);
+        }
+        let total = dsize + 3 * gaps.len();
         #[allow(unsafe_code)]
-        // SAFETY: every iovec points into a live buffer of at least its length (`head`,
-        // `block_heads`, `sum`, and `out`'s spare capacity of at least `dsize` bytes), none
-        // overlapping, all outliving the call.
+        // SAFETY: every iovec points into a live buffer of at least its length (`gaps`, and
+        // `out`'s spare capacity of at least `dsize` bytes), none overlapping, all outliving
+        // the call.
         let n = unsafe {
             libc::preadv(
-                std::os::unix::io::AsRawFd::as_raw_fd(file),
-                iov.as_ptr(),
-                iov.len() as libc::c_int,
-                off as libc::off_t,
+                std::os::unix::io::AsRawFd::as_raw_fd(&*stored.file),
+                vecs.as_ptr(),
+                vecs.len() as libc::c_int,
+                stored.segments[0].0 as libc::off_t,
             )
         };
         if n < 0 {
-            return Err(Error::io(&slot.path, std::io::Error::last_os_error()));
+            return Err(Error::io(&stored.path, std::io::Error::last_os_error()));
         }
-        let layout_ok =
-            n as usize == len && head == crate::stored::header(dsize) && block_heads == want_heads;
-        if !layout_ok {
+        // The headers were checked a moment ago; one that changed since (or a read cut
+        // short) sends the caller to the checked path.
+        let want = |k: usize| {
+            crate::stored::block_header(
+                stored.segments[k].1 as usize,
+                k + 1 == stored.segments.len(),
+            )
+        };
+        if n as usize != total || gaps.iter().enumerate().any(|(k, g)| *g != want(k + 1)) {
             return Ok(false);
         }
         #[allow(unsafe_code)]
-        // SAFETY: the read filled all `len` bytes, so every content iovec, which together
+        // SAFETY: the read filled all `total` bytes, so every content iovec, which together
         // cover `out`'s first `dsize` spare bytes, was filled.
         unsafe {
             out.set_len(dsize)

@@ -1414,7 +1414,22 @@ mod tests {
         drop(file);
         let damaged = crate::Archive::open(&out).unwrap();
         assert!(!damaged.read_stored(f, &mut direct).unwrap());
+        assert!(damaged.stored_frame(f).unwrap().is_none());
         assert!(damaged.decompress_frame(f, &mut decoded).is_err());
+        // A file cut inside a stored frame's checksum after it was opened (the index at the
+        // end is gone too, but was read): the frame is not handed out as stored.
+        let last = entry.first_frame + entry.frames - 1;
+        let fr = &archive.index().frames[last as usize];
+        let cut = dir.path().join("cut.bundle");
+        std::fs::copy(&out, &cut).unwrap();
+        let cut_archive = crate::Archive::open(&cut).unwrap();
+        assert!(cut_archive.stored_frame(last).unwrap().is_some());
+        let file = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+        file.set_len(fr.offset() + u64::from(fr.csize()) - 1)
+            .unwrap();
+        drop(file);
+        assert!(cut_archive.stored_frame(last).unwrap().is_none());
+        assert!(!cut_archive.read_stored(last, &mut direct).unwrap());
         // An archive held in memory has no file to read from.
         let bytes = std::fs::read(&out).unwrap();
         let in_memory = crate::Archive::from_bytes(vec![bytes]).unwrap();
@@ -1431,6 +1446,7 @@ mod tests {
             frame_pick in 0usize..2,
             flips in proptest::collection::vec((0usize..1_040_421, 1u8..=255), 1..4),
             near_header in proptest::prelude::any::<bool>(),
+            range in (0u64..1_040_384, 0u64..1_040_384),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let (path, archive, layer) = stored_fixture(dir.path());
@@ -1473,6 +1489,22 @@ mod tests {
                 proptest::prop_assert!(out == payload);
             } else {
                 proptest::prop_assert!(out.is_empty());
+            }
+            // `stored_frame` hands out the same content as file ranges, and any content range
+            // of it.
+            let stored = archive.stored_frame(f).unwrap();
+            proptest::prop_assert_eq!(stored.is_some(), taken);
+            if let Some(stored) = stored {
+                let at = |segs: &[(u64, u64)]| -> Vec<u8> {
+                    segs.iter()
+                        .flat_map(|&(o, n)| bytes[o as usize..(o + n) as usize].to_vec())
+                        .collect()
+                };
+                proptest::prop_assert_eq!(stored.len(), dsize as u64);
+                proptest::prop_assert!(at(&stored.segments) == out);
+                let (a, b) = (range.0.min(dsize as u64), range.1.min(dsize as u64));
+                let (a, b) = (a.min(b), a.max(b));
+                proptest::prop_assert!(at(&stored.slice(a..b)) == out[a as usize..b as usize]);
             }
         }
     }

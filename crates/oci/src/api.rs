@@ -10,7 +10,7 @@ use http::{Method, StatusCode};
 use bundle_format::Digest;
 
 use crate::client::{Call, MANIFEST_ACCEPT, MANIFEST_LIMIT, content_digest, error_text, read_body};
-use crate::transport::{ReqBody, RespBody};
+use crate::transport::{FileBody, ReqBody, RespBody};
 use crate::{Client, Error, Reference, Repo, Result, Scope};
 
 /// A manifest or index as the registry served it.
@@ -24,8 +24,34 @@ pub struct Manifest {
     pub digest: Digest,
 }
 
-/// Makes the body of one upload attempt from an offset: `(offset, len) -> body`.
-pub type BodyFactory = Arc<dyn Fn(u64, u64) -> ReqBody + Send + Sync>;
+/// Makes the body of one upload attempt from an offset and a length: as bytes, and, where
+/// the bytes lie in files, as a [`FileBody`] for a transport that sends files itself.
+#[derive(Clone)]
+pub struct BodyFactory {
+    /// `(offset, len) -> body`.
+    pub bytes: Arc<dyn Fn(u64, u64) -> ReqBody + Send + Sync>,
+    /// `(offset, len) -> pieces`, when there are files to send from.
+    pub files: Option<Arc<dyn Fn(u64, u64) -> FileBody + Send + Sync>>,
+}
+
+impl BodyFactory {
+    /// The two makers of one attempt's body for `offset..offset + len`.
+    fn at(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> (
+        impl Fn() -> ReqBody + Send + Sync + use<>,
+        Option<impl Fn() -> FileBody + Send + Sync + use<>>,
+    ) {
+        let bytes = Arc::clone(&self.bytes);
+        let files = self.files.clone();
+        (
+            move || bytes(offset, len),
+            files.map(|f| move || f(offset, len)),
+        )
+    }
+}
 
 /// How an upload session began.
 pub enum UploadStart {
@@ -276,15 +302,13 @@ impl Client {
         body: &BodyFactory,
     ) -> Result<()> {
         let action = format!("PUT blob {repo}@{digest}");
-        let make = {
-            let body = Arc::clone(body);
-            move || body(0, size)
-        };
+        let (make, files) = body.at(0, size);
         let mut call = Call {
             method: Method::PUT,
             path: with_query(location, &format!("digest={digest}")),
             headers: http::HeaderMap::new(),
             body: &make,
+            files: files.as_ref().map(|f| f as _),
             action: action.clone(),
             idempotent: false,
         };
@@ -309,15 +333,13 @@ impl Client {
         body: &BodyFactory,
     ) -> Result<String> {
         let action = format!("PATCH upload {repo} bytes {offset}-{}", offset + len - 1);
-        let make = {
-            let body = Arc::clone(body);
-            move || body(offset, len)
-        };
+        let (make, files) = body.at(offset, len);
         let mut call = Call {
             method: Method::PATCH,
             path: location.to_owned(),
             headers: http::HeaderMap::new(),
             body: &make,
+            files: files.as_ref().map(|f| f as _),
             action: action.clone(),
             idempotent: false,
         };
@@ -405,6 +427,7 @@ impl Client {
             path: format!("/v2/{}/manifests/{reference}", repo.name),
             headers: http::HeaderMap::new(),
             body: &make,
+            files: None,
             action: action.clone(),
             idempotent: true,
         };

@@ -15,7 +15,7 @@ use http_body_util::BodyExt as _;
 use bundle_format::Digest;
 
 use crate::auth::{self, CredentialStore, Credentials};
-use crate::transport::{ReqBody, RespBody, TlsOptions, Transport, empty};
+use crate::transport::{FileBody, ReqBody, RespBody, TlsOptions, Transport, empty};
 use crate::{Error, Reference, Result};
 
 /// Largest manifest or index the client reads (the distribution spec suggests 4 MiB).
@@ -174,6 +174,9 @@ pub struct Call<'a> {
     pub headers: HeaderMap,
     /// Makes the body; called once per attempt.
     pub body: &'a (dyn Fn() -> ReqBody + Send + Sync),
+    /// Makes the same body as a [`FileBody`], for a transport that sends files itself
+    /// ([`Transport::sends_files`]); called instead of `body` then.
+    pub files: Option<&'a (dyn Fn() -> FileBody + Send + Sync)>,
     /// For messages: `GET manifest library/nginx:1.27`.
     pub action: String,
     /// Whether a connection failure may be retried blindly. Uploads are not: the registry
@@ -193,6 +196,7 @@ impl<'a> Call<'a> {
             path,
             headers: HeaderMap::new(),
             body: &no_body,
+            files: None,
             action,
             idempotent: true,
         }
@@ -362,10 +366,21 @@ impl Client {
                     h.insert(header::AUTHORIZATION, v);
                 }
             }
-            let req = builder.body((call.body)()).map_err(|e| Error::Protocol {
+            let files = call
+                .files
+                .filter(|_| self.inner.transport.sends_files(&url))
+                .map(|f| f());
+            let body = match files {
+                Some(_) => empty(),
+                None => (call.body)(),
+            };
+            let mut req = builder.body(body).map_err(|e| Error::Protocol {
                 registry: host.clone(),
                 what: format!("{}: cannot build request for {url}: {e}", call.action),
             })?;
+            if let Some(files) = files {
+                req.extensions_mut().insert(files);
+            }
             let result = self.raw(req).await;
             let transient = match result {
                 Err(e) => Err(Error::Transport {

@@ -10,6 +10,7 @@ mod pool;
 pub mod pull;
 pub mod push;
 pub mod reference;
+mod sendfile;
 pub mod server;
 pub mod transport;
 

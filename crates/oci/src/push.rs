@@ -19,7 +19,7 @@ use bundle_format::{Archive, Digest};
 use crate::api::{BodyFactory, UploadStart};
 use crate::manifest::{Doc, OCI_MANIFEST};
 use crate::pool::Pool;
-use crate::transport::ReqBody;
+use crate::transport::{FileBody, Piece, ReqBody};
 use crate::{BoxError, Client, Error, Reference, Repo, Result, Scope};
 
 /// Blobs at most this big go up in one request.
@@ -161,6 +161,9 @@ pub struct PushReport {
     pub mounted: u64,
     /// Content bytes sent (resent bytes included).
     pub bytes_sent: u64,
+    /// Of those, bytes the kernel sent straight from the archive file (sendfile over plain
+    /// HTTP; the stored frames of already compressed blobs).
+    pub bytes_from_files: u64,
     /// Manifests and indexes put.
     pub manifests: u64,
     /// Manifests and indexes the registry already held under the same reference.
@@ -230,9 +233,9 @@ fn plan_image(
     Ok(plan)
 }
 
-/// A request body fed by a blocking thread that decompresses the archive's frames.
+/// A request body fed by a blocking thread that reads the archive's frames ([`produce`]).
 struct ChannelBody {
-    rx: mpsc::Receiver<std::result::Result<Bytes, BoxError>>,
+    rx: mpsc::Receiver<std::result::Result<Piece, BoxError>>,
     remaining: u64,
 }
 
@@ -244,9 +247,12 @@ impl http_body::Body for ChannelBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, BoxError>>> {
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
+            Poll::Ready(Some(Ok(Piece::Bytes(b)))) => {
                 self.remaining = self.remaining.saturating_sub(b.len() as u64);
                 Poll::Ready(Some(Ok(http_body::Frame::data(b))))
+            }
+            Poll::Ready(Some(Ok(Piece::File { .. }))) => {
+                Poll::Ready(Some(Err("a file range in a body of bytes".into())))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
@@ -262,65 +268,106 @@ impl http_body::Body for ChannelBody {
 /// being filled, one in the channel, one or two being written to the socket.
 const BUFFERS_PER_JOB: usize = 4;
 
-/// Bodies for `[offset, offset+len)` of a blob: a blocking thread reads the frames that hold
-/// those bytes into pooled buffers (a stored frame's content with one positional read, any
-/// other decompressed; with `verify`, each checked against the index's sha256 first) and
-/// sends the content range of each as is.
-/// The blob's digest is not computed here: the registry computes it from what it receives
-/// and refuses the closing PUT on a mismatch, so hashing the content again would only take
-/// CPU from the registry on the same machine.
-fn body_factory(
+/// Where one blob's upload bodies come from.
+#[derive(Clone)]
+struct Source {
     archive: Arc<Archive>,
     digest: Digest,
+    /// Content bytes handed to bodies, and those of them handed as file ranges.
     sent: Arc<AtomicU64>,
+    from_files: Arc<AtomicU64>,
     pool: Arc<Pool>,
     verify: bool,
-) -> BodyFactory {
-    Arc::new(move |offset: u64, len: u64| -> ReqBody {
-        let (tx, rx) = mpsc::channel(1);
-        let archive = Arc::clone(&archive);
-        let sent = Arc::clone(&sent);
-        let pool = Arc::clone(&pool);
-        tokio::task::spawn_blocking(move || {
-            let frames = match archive.blob_frames(&digest, offset, len) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
-                    return;
+}
+
+impl Source {
+    /// Reads the frames that hold content bytes `[offset, offset+len)` into `tx`, as pieces:
+    /// a stored frame's content with one positional read, or with `files` (and without
+    /// `verify`) as the file ranges that hold it; any other frame decompressed (with `verify`,
+    /// each checked against the index's sha256 first). Blocking.
+    /// The blob's digest is not computed here: the registry computes it from what it receives
+    /// and refuses the closing PUT on a mismatch, so hashing the content again would only take
+    /// CPU from the registry on the same machine.
+    fn produce(
+        &self,
+        offset: u64,
+        len: u64,
+        files: bool,
+        tx: mpsc::Sender<std::result::Result<Piece, BoxError>>,
+    ) {
+        let fail = |e: bundle_format::Error| {
+            let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
+        };
+        let frames = match self.archive.blob_frames(&self.digest, offset, len) {
+            Ok(f) => f,
+            Err(e) => return fail(e),
+        };
+        for (frame, range) in frames {
+            if tx.is_closed() {
+                return;
+            }
+            let n = range.len() as u64;
+            let piece = if files && !self.verify {
+                match self.archive.stored_frame(frame) {
+                    Ok(Some(stored)) => Some(Piece::File {
+                        ranges: stored.slice(range.start as u64..range.end as u64),
+                        file: stored.file,
+                    }),
+                    Ok(None) => None,
+                    Err(e) => return fail(e),
+                }
+            } else {
+                None
+            };
+            let piece = match piece {
+                Some(p) => {
+                    self.from_files.fetch_add(n, Ordering::Relaxed);
+                    p
+                }
+                None => {
+                    let mut buf = self.pool.take();
+                    // Hashed only with `verify`; stored frames are read as they lie.
+                    let read = match self.verify {
+                        true => Ok(false),
+                        false => self.archive.read_stored(frame, &mut buf.0),
+                    }
+                    .and_then(|stored| match stored {
+                        true => Ok(()),
+                        false => self.archive.read_frame(frame, self.verify, &mut buf.0),
+                    });
+                    if let Err(e) = read {
+                        return fail(e);
+                    }
+                    Piece::Bytes(Bytes::from_owner(buf).slice(range))
                 }
             };
-            for (frame, range) in frames {
-                let mut buf = pool.take();
-                if tx.is_closed() {
-                    return;
-                }
-                // A stored frame (an already compressed blob's) is read straight from the
-                // file, without its block headers; any other is decompressed. Hashed only with
-                // `verify`; the frame's pages are dropped once read (one pass over the archive).
-                let read = match verify {
-                    true => Ok(false),
-                    false => archive.read_stored(frame, &mut buf.0),
-                }
-                .and_then(|stored| match stored {
-                    true => Ok(()),
-                    false => archive.read_frame(frame, verify, &mut buf.0),
-                });
-                if let Err(e) = read {
-                    let _ = tx.blocking_send(Err(Box::new(e) as BoxError));
-                    return;
-                }
-                let n = range.len() as u64;
-                if tx
-                    .blocking_send(Ok(Bytes::from_owner(buf).slice(range)))
-                    .is_err()
-                {
-                    return;
-                }
-                sent.fetch_add(n, Ordering::Relaxed);
+            if tx.blocking_send(Ok(piece)).is_err() {
+                return;
             }
-        });
-        ChannelBody { rx, remaining: len }.boxed_unsync()
-    })
+            self.sent.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Bodies for `[offset, offset+len)` of the blob, as bytes or as pieces with file ranges
+    /// (see [`Source::produce`]).
+    fn factory(self) -> BodyFactory {
+        let start = |src: &Source, offset: u64, len: u64, files: bool| {
+            let (tx, rx) = mpsc::channel(1);
+            let src = src.clone();
+            tokio::task::spawn_blocking(move || src.produce(offset, len, files, tx));
+            rx
+        };
+        let bytes_src = self.clone();
+        BodyFactory {
+            bytes: Arc::new(move |offset, len| -> ReqBody {
+                let rx = start(&bytes_src, offset, len, false);
+                ChannelBody { rx, remaining: len }.boxed_unsync()
+            }),
+            files: Some(Arc::new(move |offset, len| {
+                FileBody::new(len, start(&self, offset, len, true))
+            })),
+        }
+    }
 }
 
 enum Outcome {
@@ -335,8 +382,9 @@ struct Uploader {
     archive: Arc<Archive>,
     /// Chunk size for chunked uploads.
     chunk: u64,
-    /// Content bytes sent so far.
+    /// Content bytes sent so far, and those of them sent from the archive file.
     sent: Arc<AtomicU64>,
+    from_files: Arc<AtomicU64>,
     pool: Arc<Pool>,
     /// [`PushOptions::verify`].
     verify: bool,
@@ -372,13 +420,15 @@ async fn push_blob(
         Err(Error::Status { status, .. }) if status.is_server_error() => {}
         Err(e) => return Err(e),
     }
-    let body = body_factory(
-        Arc::clone(archive),
+    let body = Source {
+        archive: Arc::clone(archive),
         digest,
-        Arc::clone(&up.sent),
-        Arc::clone(&up.pool),
-        up.verify,
-    );
+        sent: Arc::clone(&up.sent),
+        from_files: Arc::clone(&up.from_files),
+        pool: Arc::clone(&up.pool),
+        verify: up.verify,
+    }
+    .factory();
     let mut restarts = 0u32;
     'session: loop {
         let mount = mount_from.map(|f| (&digest, f));
@@ -542,12 +592,14 @@ pub async fn push(
         }
     }
     let sent = Arc::new(AtomicU64::new(0));
+    let from_files = Arc::new(AtomicU64::new(0));
     let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
     let up = Arc::new(Uploader {
         client: client.clone(),
         archive: Arc::clone(&archive),
         chunk: opts.chunk_size.max(1 << 20),
         sent: Arc::clone(&sent),
+        from_files: Arc::clone(&from_files),
         pool: Arc::new(Pool::new(opts.jobs.max(1) * BUFFERS_PER_JOB)),
         verify: opts.verify,
     });
@@ -596,6 +648,7 @@ pub async fn push(
             .push((p.name.clone(), p.target.clone(), p.root));
     }
     report.bytes_sent = sent.load(Ordering::Relaxed);
+    report.bytes_from_files = from_files.load(Ordering::Relaxed);
     Ok(report)
 }
 

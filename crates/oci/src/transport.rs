@@ -33,6 +33,66 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         req: Request<ReqBody>,
     ) -> BoxFuture<'static, Result<Response<RespBody>, BoxError>>;
+
+    /// Whether a request to `url` may carry its body as a [`FileBody`] (in its extensions,
+    /// beside an empty body) for the transport to send from the files itself. No by default.
+    fn sends_files(&self, url: &str) -> bool {
+        let _ = url;
+        false
+    }
+}
+
+/// One piece of a [`FileBody`].
+#[derive(Debug)]
+pub enum Piece {
+    /// Bytes in memory.
+    Bytes(Bytes),
+    /// `(offset, length)` ranges of a file, sent in order.
+    File {
+        /// The file.
+        file: Arc<std::fs::File>,
+        /// The ranges.
+        ranges: Vec<(u64, u64)>,
+    },
+}
+
+impl Piece {
+    /// Bytes this piece sends.
+    pub fn len(&self) -> u64 {
+        match self {
+            Piece::Bytes(b) => b.len() as u64,
+            Piece::File { ranges, .. } => ranges.iter().map(|r| r.1).sum(),
+        }
+    }
+
+    /// Whether it sends nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The pieces of a [`FileBody`], as they are made.
+pub type Pieces = tokio::sync::mpsc::Receiver<Result<Piece, BoxError>>;
+
+/// A request body of `len` bytes as pieces that name file ranges where they can, so that a
+/// transport over a plain socket can have the kernel copy them (sendfile) instead of reading
+/// them. Carried in a request's extensions (see [`Transport::sends_files`]).
+#[derive(Clone)]
+pub struct FileBody(Arc<std::sync::Mutex<Option<(u64, Pieces)>>>);
+
+impl FileBody {
+    /// A body of `len` bytes whose pieces arrive on `rx`.
+    pub fn new(len: u64, rx: Pieces) -> FileBody {
+        FileBody(Arc::new(std::sync::Mutex::new(Some((len, rx)))))
+    }
+
+    /// The length and the pieces, once.
+    pub fn take(&self) -> Option<(u64, Pieces)> {
+        match self.0.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
 }
 
 /// An empty request body.
@@ -205,6 +265,11 @@ impl Transport for Direct {
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
+        if let Some(files) = req.extensions().get::<FileBody>().cloned()
+            && req.uri().scheme_str() == Some("http")
+        {
+            return Box::pin(crate::sendfile::send(req, files));
+        }
         let client = if self.insecure.contains(&host) {
             self.unverified.clone()
         } else {
@@ -217,5 +282,10 @@ impl Transport for Direct {
                 .map_err(|e| -> BoxError { Box::new(e) })?;
             Ok(resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
         })
+    }
+
+    /// Plain-HTTP requests send file pieces with sendfile(2), on a connection of their own.
+    fn sends_files(&self, url: &str) -> bool {
+        url.starts_with("http://")
     }
 }

@@ -438,7 +438,8 @@ fn refused_credentials_and_unknown_ca_are_named() {
 #[test]
 fn faults_from_a_proxy_do_not_stop_push_or_pull() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = big_archive(dir.path(), 3, 3 << 20);
+    // Layers that start like gzip: their stored frames go out by sendfile, through faults.
+    let archive = big_archive_of(dir.path(), 3, 3 << 20, true);
     let reg = Registry::start(Mode::Plain);
     let proxy = FaultProxy::start(
         &reg.host(),
@@ -454,6 +455,7 @@ fn faults_from_a_proxy_do_not_stop_push_or_pull() {
     let report = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 2)).unwrap();
     assert!(proxy.faults() > 0, "the proxy injected nothing");
     assert!(c.stats().retries > 0);
+    assert!(report.bytes_from_files > 0, "{report:?}");
     proxy.set_enabled(false);
     check_with_skopeo(&reg, &report);
     proxy.set_enabled(true);
@@ -471,7 +473,8 @@ fn faults_from_a_proxy_do_not_stop_push_or_pull() {
 #[test]
 fn registry_killed_mid_push_then_rerun_skips_what_arrived() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = big_archive(dir.path(), 12, 4 << 20);
+    // Stored frames: the registry dies under a sendfile too.
+    let archive = big_archive_of(dir.path(), 12, 4 << 20, true);
     let total: u64 = archive.index().blobs.iter().map(|b| b.size).sum();
     let mut reg = Registry::start(Mode::Plain);
     let host = reg.host();
@@ -606,6 +609,28 @@ fn stored_frames_are_sent_as_they_lie_and_damage_is_named() {
     let rt = rt();
     let report = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 2)).unwrap();
     check_with_skopeo(&reg, &report);
+    // Over plain HTTP the stored frames' content went from the file by sendfile: exactly
+    // those bytes, the rest (first frames, small blobs) from memory.
+    let stored: u64 = archive
+        .index()
+        .blobs
+        .iter()
+        .flat_map(|b| archive.blob_frames(&b.digest, 0, b.size).unwrap())
+        .filter(|(f, _)| archive.stored_frame(*f).unwrap().is_some())
+        .map(|(_, r)| r.len() as u64)
+        .sum();
+    assert!(stored > 4 << 20, "{stored}");
+    assert_eq!(report.bytes_from_files, stored, "{report:?}");
+    // Over TLS every byte is read and encrypted here; the registry holds the same images.
+    let tls = Registry::start(Mode::Tls);
+    let tls_host = tls.host();
+    let tls_client = client(&tls, &tls_host, None);
+    let over_tls = push_all(&rt, &tls_client, &archive, &opts(&tls_host, 1 << 20, 2)).unwrap();
+    assert_eq!(
+        (over_tls.bytes_from_files, over_tls.bytes_sent),
+        (0, report.bytes_sent)
+    );
+    check_with_skopeo(&tls, &over_tls);
 
     let frame = &archive.index().frames[k as usize];
     let offset = frame.offset() as usize;
@@ -633,7 +658,7 @@ fn stored_frames_are_sent_as_they_lie_and_damage_is_named() {
 #[test]
 fn chunked_upload_survives_lost_chunk_responses() {
     let dir = tempfile::tempdir().unwrap();
-    let archive = big_archive(dir.path(), 1, 40 << 20);
+    let archive = big_archive_of(dir.path(), 1, 40 << 20, true);
     let reg = Registry::start(Mode::Plain);
     // Reset the connection of a few PATCH requests after part of the response.
     let proxy = FaultProxy::start(
