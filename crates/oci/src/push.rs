@@ -233,7 +233,8 @@ fn plan_image(
     Ok(plan)
 }
 
-/// A request body fed by a blocking thread that reads the archive's frames ([`produce`]).
+/// A request body fed by a blocking thread that reads the archive's frames
+/// ([`Source::produce`]).
 struct ChannelBody {
     rx: mpsc::Receiver<std::result::Result<Piece, BoxError>>,
     remaining: u64,
@@ -319,11 +320,9 @@ impl Source {
             } else {
                 None
             };
+            let from_file = piece.is_some();
             let piece = match piece {
-                Some(p) => {
-                    self.from_files.fetch_add(n, Ordering::Relaxed);
-                    p
-                }
+                Some(p) => p,
                 None => {
                     let mut buf = self.pool.take();
                     // Hashed only with `verify`; stored frames are read as they lie.
@@ -345,6 +344,9 @@ impl Source {
                 return;
             }
             self.sent.fetch_add(n, Ordering::Relaxed);
+            if from_file {
+                self.from_files.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 
