@@ -265,10 +265,15 @@ impl Transport for Direct {
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
-        if let Some(files) = req.extensions().get::<FileBody>().cloned()
-            && req.uri().scheme_str() == Some("http")
-        {
-            return Box::pin(crate::sendfile::send(req, files));
+        if let Some(files) = req.extensions().get::<FileBody>().cloned() {
+            if req.uri().scheme_str() == Some("http") {
+                return Box::pin(crate::sendfile::send(req, files));
+            }
+            // (`sends_files` said no: the client does not make such a request.)
+            let uri = req.uri().to_string();
+            return Box::pin(async move {
+                Err(format!("{uri}: a file body is sent over plain HTTP only").into())
+            });
         }
         let client = if self.insecure.contains(&host) {
             self.unverified.clone()
