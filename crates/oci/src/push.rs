@@ -313,6 +313,7 @@ impl Source {
                     Ok(Some(stored)) => Some(Piece::File {
                         ranges: stored.slice(range.start as u64..range.end as u64),
                         file: stored.file,
+                        path: stored.path,
                     }),
                     Ok(None) => None,
                     Err(e) => return fail(e),

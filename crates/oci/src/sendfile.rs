@@ -2,8 +2,9 @@
 //! and answering over plain HTTP). The request head and in-memory pieces are written as
 //! usual; file pieces are copied by the kernel from the archive file to the socket
 //! (sendfile(2)) without passing through this process, which saves the two copies that cost
-//! most of a push's client CPU. The response is read whole (registries answer uploads with a
-//! head and at most a short error document).
+//! most of a push's client CPU (on loopback the registry's own copy grows by about as much: its
+//! receive now reads the archive's pages rather than a buffer just filled). The response is read
+//! whole (registries answer uploads with a head and at most a short error document).
 //!
 //! One connection per request, closed after it (`Connection: close`): bodies sent this way
 //! are chunks of megabytes, beside which a connect costs little, and a closed connection
@@ -81,7 +82,9 @@ pub(crate) async fn send(
         }
         let written = match piece {
             Piece::Bytes(b) => stream.write_all(&b).await,
-            Piece::File { file, ranges } => send_ranges(&stream, &file, &ranges).await?,
+            Piece::File { file, path, ranges } => send_ranges(&stream, &file, &ranges)
+                .await
+                .map_err(|e| err(format!("{}: {e}", path.display())))?,
         };
         if let Err(e) = written {
             write_failed = Some(e);
@@ -100,17 +103,26 @@ pub(crate) async fn send(
     }
 }
 
-/// Sends file ranges: `Err` for a file that ends early (the body's fault), `Ok(Err)` for a
-/// socket that fails.
+/// Sends file ranges: `Err` for a file that ends early or cannot be read (the body's fault),
+/// `Ok(Err)` for a socket that fails.
 async fn send_ranges(
     stream: &TcpStream,
     file: &std::fs::File,
     ranges: &[(u64, u64)],
-) -> Result<io::Result<()>, BoxError> {
+) -> Result<io::Result<()>, io::Error> {
     for &(off, n) in ranges {
         match send_file(stream, file, off, n).await {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(e.into()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(e),
+            // EIO, or EINVAL/EBADF from a file that is not one sendfile reads: the file's.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::EBADF)
+                ) =>
+            {
+                return Err(e);
+            }
             Err(e) => return Ok(Err(e)),
         }
     }
@@ -168,30 +180,34 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, off: u64, len: u64)
     while left > 0 {
         let n = stream
             .async_io(Interest::WRITABLE, || {
-                let mut at = off as libc::off_t;
-                #[allow(unsafe_code)]
-                // SAFETY: both descriptors are open for the call (the socket and file are
-                // borrowed), `at` is a live offset variable, and sendfile only reads the file
-                // and writes the socket.
-                let r = unsafe {
-                    libc::sendfile(
-                        stream.as_raw_fd(),
-                        file.as_raw_fd(),
-                        &mut at,
-                        left.min(1 << 30) as usize,
-                    )
-                };
-                if r < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(r as u64)
+                loop {
+                    let mut at = off as libc::off_t;
+                    #[allow(unsafe_code)]
+                    // SAFETY: both descriptors are open for the call (the socket and file are
+                    // borrowed), `at` is a live offset variable, and sendfile only reads the
+                    // file and writes the socket.
+                    let r = unsafe {
+                        libc::sendfile(
+                            stream.as_raw_fd(),
+                            file.as_raw_fd(),
+                            &mut at,
+                            left.min(1 << 30) as usize,
+                        )
+                    };
+                    if r >= 0 {
+                        return Ok(r as u64);
+                    }
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
                 }
             })
             .await?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("the archive file ends before byte {}", off + left),
+                format!("the file ends before byte {}", off + left),
             ));
         }
         off += n;
@@ -487,6 +503,7 @@ mod tests {
                 Ok(Piece::Bytes(Bytes::from_static(b"head-"))),
                 Ok(Piece::File {
                     file: std::sync::Arc::clone(&file),
+                    path: path.clone(),
                     ranges: vec![(10, 100), (3000, 2000)],
                 }),
                 Ok(Piece::Bytes(Bytes::from_static(b"-tail"))),
@@ -566,11 +583,13 @@ mod tests {
         let (addr, _seen) = one_shot(b"", false).await;
         let past = vec![Ok(Piece::File {
             file: std::sync::Arc::clone(&file),
+            path: path.clone(),
             ranges: vec![(4000, 2000)],
         })];
         let (req, files) = request(&addr, 2000, past);
         let e = send(req, files).await.unwrap_err().to_string();
-        assert!(e.contains("ends before byte 6000"), "{e}");
+        let want = format!("{}: the file ends before byte 6000", path.display());
+        assert!(e.contains(&want), "{e}");
     }
 
     /// A response as a registry might frame it.

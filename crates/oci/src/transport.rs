@@ -51,6 +51,8 @@ pub enum Piece {
     File {
         /// The file.
         file: Arc<std::fs::File>,
+        /// Its path, for messages.
+        path: std::path::PathBuf,
         /// The ranges.
         ranges: Vec<(u64, u64)>,
     },
