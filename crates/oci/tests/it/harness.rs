@@ -98,6 +98,9 @@ pub enum Mode {
     /// [`Mode::Tls`] plus bearer tokens from a [`TokenServer`] (HTTPS, same CA) that wants
     /// [`USER`] / [`PASSWORD`] and grants whatever scope is asked.
     Token,
+    /// Plain HTTP (no TLS on the registry) plus the bearer tokens of [`Mode::Token`] (the token
+    /// server still speaks HTTPS): registries on a cluster's inside often look like this.
+    PlainToken,
 }
 
 /// A `docker-registry` (CNCF distribution 2.8) process on 127.0.0.1 with its own storage in a
@@ -151,7 +154,7 @@ impl Registry {
         if mode == Mode::TlsBasicAuth {
             write_htpasswd(&dir.path().join("htpasswd"));
         }
-        let token_server = (mode == Mode::Token)
+        let token_server = matches!(mode, Mode::Token | Mode::PlainToken)
             .then(|| TokenServer::start(pki.as_ref().expect("token mode has a PKI")));
 
         let mut registry = Registry {
@@ -187,13 +190,14 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Whether the registry itself speaks plain HTTP.
+    pub fn is_plain(&self) -> bool {
+        matches!(self.mode, Mode::Plain | Mode::PlainToken)
+    }
+
     /// `http://127.0.0.1:PORT` or `https://127.0.0.1:PORT`.
     pub fn base_url(&self) -> String {
-        let scheme = if self.mode == Mode::Plain {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = if self.is_plain() { "http" } else { "https" };
         format!("{scheme}://{}", self.host())
     }
 
@@ -203,7 +207,7 @@ impl Registry {
     }
 
     /// The CA certificate (PEM) that signed the registry's and the token server's certificates;
-    /// `None` in [`Mode::Plain`].
+    /// `None` in [`Mode::Plain`] (in [`Mode::PlainToken`], the token server's only).
     pub fn ca_file(&self) -> Option<PathBuf> {
         self.cert_dir().map(|d| d.join("ca.crt"))
     }
@@ -217,7 +221,11 @@ impl Registry {
     /// The user and password the registry (or its token server) accepts; `None` when it asks for
     /// none.
     pub fn credentials(&self) -> Option<(&'static str, &'static str)> {
-        matches!(self.mode, Mode::TlsBasicAuth | Mode::Token).then_some((USER, PASSWORD))
+        matches!(
+            self.mode,
+            Mode::TlsBasicAuth | Mode::Token | Mode::PlainToken
+        )
+        .then_some((USER, PASSWORD))
     }
 
     /// The token server of [`Mode::Token`].
@@ -300,7 +308,7 @@ impl Registry {
             storage = self.storage_dir().display(),
             port = self.port,
         );
-        if self.mode != Mode::Plain {
+        if !self.is_plain() {
             let _ = write!(
                 yaml,
                 "  tls:\n    certificate: \"{}\"\n    key: \"{}\"\n",
@@ -317,7 +325,7 @@ impl Registry {
                     d.join("htpasswd").display(),
                 );
             }
-            Mode::Token => {
+            Mode::Token | Mode::PlainToken => {
                 let token = self.token_server.as_ref().expect("token mode has a server");
                 let _ = write!(
                     yaml,
@@ -405,7 +413,8 @@ impl Registry {
     /// `inspect`) and explicit credentials (`None`: send none).
     pub fn skopeo_args(&self, prefix: &str, creds: Option<(&str, &str)>) -> Vec<String> {
         let mut args = Vec::new();
-        match self.cert_dir() {
+        // (Over plain HTTP skopeo skips verification for the token server too.)
+        match self.cert_dir().filter(|_| !self.is_plain()) {
             None => args.push(format!("--{prefix}tls-verify=false")),
             Some(dir) => args.push(format!("--{prefix}cert-dir={}", dir.display())),
         }

@@ -32,7 +32,7 @@ fn fast_retry() -> RetryPolicy {
 /// A client for `host` with the registry's CA and credentials.
 fn client(reg: &Registry, host: &str, creds: Option<(&str, &str)>) -> Client {
     let mut tls = TlsOptions::default();
-    if reg.mode() == Mode::Plain {
+    if reg.is_plain() {
         tls.insecure.insert(host.to_owned());
     }
     tls.ca_files.extend(reg.ca_file());
@@ -249,7 +249,15 @@ fn check_with_skopeo(reg: &Registry, report: &PushReport) {
 
 #[test]
 fn push_repush_and_pull_in_every_mode() {
-    for mode in [Mode::Plain, Mode::Tls, Mode::TlsBasicAuth, Mode::Token] {
+    // Over plain HTTP (PlainToken too) uploads go through the sendfile path with its bearer
+    // tokens.
+    for mode in [
+        Mode::Plain,
+        Mode::Tls,
+        Mode::TlsBasicAuth,
+        Mode::Token,
+        Mode::PlainToken,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let (_, archive) = small_archive(dir.path());
         let reg = Registry::start(mode);
@@ -295,13 +303,14 @@ fn push_repush_and_pull_in_every_mode() {
                 }
             }
         }
-        if mode == Mode::Token {
+        if matches!(mode, Mode::Token | Mode::PlainToken) {
             let ts = reg.token_server().unwrap();
             // Tokens are cached per scope: a handful, not one per request.
             // Exactly one per scope, even with parallel uploads meeting the challenge at once.
             // (skopeo, checking our pushes, asks the same token server too.)
             let scopes = ts.scopes();
             let distinct: std::collections::BTreeSet<&String> = scopes.iter().collect();
+            assert!(c.stats().token_requests > 0, "{mode:?}: no token was asked for");
             assert_eq!(
                 c.stats().token_requests as usize,
                 distinct.len(),
