@@ -310,7 +310,10 @@ fn push_repush_and_pull_in_every_mode() {
             // (skopeo, checking our pushes, asks the same token server too.)
             let scopes = ts.scopes();
             let distinct: std::collections::BTreeSet<&String> = scopes.iter().collect();
-            assert!(c.stats().token_requests > 0, "{mode:?}: no token was asked for");
+            assert!(
+                c.stats().token_requests > 0,
+                "{mode:?}: no token was asked for"
+            );
             assert_eq!(
                 c.stats().token_requests as usize,
                 distinct.len(),
