@@ -97,6 +97,16 @@ impl StoredFrame {
     }
 }
 
+/// Where a frame that may be stored lies ([`Archive::stored_candidate`]): its part file and
+/// path, offset and length in it, and content size.
+struct Candidate<'a> {
+    path: &'a Path,
+    file: &'a Arc<File>,
+    off: usize,
+    len: usize,
+    dsize: usize,
+}
+
 /// Frames already checked against the index, so that a server reading the same frame again
 /// does not hash it again. Set only after a successful check; never cleared.
 #[derive(Default)]
@@ -577,6 +587,27 @@ impl Archive {
         Ok(())
     }
 
+    /// A frame whose index sizes are those of a stored frame (spec section 4), in a part
+    /// file. `None` for any other (a compressed frame, an archive held in memory); its bytes
+    /// are not looked at.
+    fn stored_candidate(&self, frame: u32) -> Result<Option<Candidate<'_>>> {
+        let (slot, off, len) = self.locate(frame)?;
+        let dsize = self.index.frames[frame as usize].dsize() as usize;
+        let Data::Map(_, file) = &slot.data else {
+            return Ok(None);
+        };
+        if len != crate::stored::stored_len(dsize) || dsize == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Candidate {
+            path: &slot.path,
+            file,
+            off,
+            len,
+            dsize,
+        }))
+    }
+
     /// Where a stored frame's content lies in its part file (spec section 4): the file and,
     /// for each block, the offset and length of its content, after checking that the frame
     /// header and every block header are exactly the layout of a stored frame of the index's
@@ -586,17 +617,13 @@ impl Archive {
     /// which checks everything. Checks neither the frame's sha256 nor its XXH64: for a reader
     /// whose receiver checks the blob's digest (push), as `read_frame` without `hash`.
     pub fn stored_frame(&self, frame: u32) -> Result<Option<StoredFrame>> {
-        use crate::stored::{BLOCK, block_header, header, stored_len};
+        use crate::stored::{BLOCK, block_header, blocks, header};
         use std::os::unix::fs::FileExt as _;
-        let (slot, off, len) = self.locate(frame)?;
-        let dsize = self.index.frames[frame as usize].dsize() as usize;
-        let Data::Map(_, file) = &slot.data else {
+        let Some(c) = self.stored_candidate(frame)? else {
             return Ok(None);
         };
-        if len != stored_len(dsize) || dsize == 0 {
-            return Ok(None);
-        }
-        let off = off as u64;
+        let (file, dsize) = (c.file, c.dsize);
+        let off = c.off as u64;
         // A read that fails or comes short means the layout is not there; a real I/O error
         // shows again when the frame is read the other way.
         let has = |at: u64, want: &[u8]| {
@@ -607,92 +634,88 @@ impl Archive {
         if !has(off, &header(dsize)) {
             return Ok(None);
         }
-        let blocks = dsize.div_ceil(BLOCK);
-        let mut segments = Vec::with_capacity(blocks);
-        for k in 0..blocks {
-            let n = BLOCK.min(dsize - k * BLOCK);
+        let mut segments = Vec::with_capacity(dsize.div_ceil(BLOCK));
+        for (k, (n, last)) in blocks(dsize).enumerate() {
             let at = off + 9 + (k * (BLOCK + 3)) as u64;
-            if !has(at, &block_header(n, k + 1 == blocks)) {
+            if !has(at, &block_header(n, last)) {
                 return Ok(None);
             }
             segments.push((at + 3, n as u64));
         }
         // The checksum's 4 bytes end the frame: the file holds all of it.
         let mut sum = [0u8; 4];
-        if file.read_exact_at(&mut sum, off + len as u64 - 4).is_err() {
+        if file
+            .read_exact_at(&mut sum, off + c.len as u64 - 4)
+            .is_err()
+        {
             return Ok(None);
         }
         Ok(Some(StoredFrame {
             file: Arc::clone(file),
-            path: slot.path.clone(),
+            path: c.path.to_owned(),
             segments,
         }))
     }
 
-    /// The content of a stored frame (see [`Archive::stored_frame`]) read into `out` (cleared
-    /// first) with one positional read that leaves the block headers out: no mapping, no
-    /// decompression. Returns `false`, with `out` empty, for any frame that is not laid out as
-    /// a stored frame of its index size.
+    /// The content of a stored frame (the layout [`Archive::stored_frame`] checks) read into
+    /// `out` (cleared first) with one positional read of the whole frame that leaves the block
+    /// headers out of `out`: no mapping, no decompression. The header and every block header
+    /// read must be the layout for the index's size, and the read must be whole. Returns
+    /// `false`, with `out` empty, for any other frame; checks neither sha256 nor XXH64 (see
+    /// `stored_frame`).
     pub fn read_stored(&self, frame: u32, out: &mut Vec<u8>) -> Result<bool> {
+        use crate::stored::{block_header, blocks, header};
         out.clear();
-        let Some(stored) = self.stored_frame(frame)? else {
+        let Some(c) = self.stored_candidate(frame)? else {
             return Ok(false);
         };
-        let dsize = stored.len() as usize;
+        let dsize = c.dsize;
+        let layout: Vec<(usize, bool)> = blocks(dsize).collect();
+        // The frame header, each block's header, then the checksum: what is not content.
+        let mut head = [0u8; 9];
+        let mut block_heads = vec![[0u8; 3]; layout.len()];
+        let mut sum = [0u8; 4];
         out.reserve(dsize);
         let spare = out.spare_capacity_mut();
-        let mut iov = Vec::with_capacity(stored.segments.len());
+        let io = |ptr: *mut u8, len: usize| libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        };
+        let mut iov = Vec::with_capacity(2 * layout.len() + 2);
+        iov.push(io(head.as_mut_ptr(), head.len()));
         let mut at = 0;
-        for &(_, n) in &stored.segments {
-            let n = n as usize;
-            iov.push(libc::iovec {
-                iov_base: spare[at..at + n].as_mut_ptr().cast(),
-                iov_len: n,
-            });
+        for (bh, &(n, _)) in block_heads.iter_mut().zip(&layout) {
+            iov.push(io(bh.as_mut_ptr(), 3));
+            iov.push(io(spare[at..at + n].as_mut_ptr().cast(), n));
             at += n;
         }
-        // The blocks lie 3 bytes apart: read the frame's body from the first block's content
-        // into the blocks' places, the headers between them into a scratch iovec each.
-        let mut gaps = vec![[0u8; 3]; stored.segments.len().saturating_sub(1)];
-        let mut vecs = Vec::with_capacity(iov.len() * 2);
-        for (k, v) in iov.into_iter().enumerate() {
-            if k > 0 {
-                vecs.push(libc::iovec {
-                    iov_base: gaps[k - 1].as_mut_ptr().cast(),
-                    iov_len: 3,
-                });
-            }
-            vecs.push(v);
-        }
-        let total = dsize + 3 * gaps.len();
+        iov.push(io(sum.as_mut_ptr(), sum.len()));
         #[allow(unsafe_code)]
-        // SAFETY: every iovec points into a live buffer of at least its length (`gaps`, and
-        // `out`'s spare capacity of at least `dsize` bytes), none overlapping, all outliving
-        // the call.
+        // SAFETY: every iovec points into a live buffer of at least its length (`head`,
+        // `block_heads`, `sum`, and `out`'s spare capacity of at least `dsize` bytes), none
+        // overlapping, all outliving the call.
         let n = unsafe {
             libc::preadv(
-                std::os::unix::io::AsRawFd::as_raw_fd(&*stored.file),
-                vecs.as_ptr(),
-                vecs.len() as libc::c_int,
-                stored.segments[0].0 as libc::off_t,
+                std::os::unix::io::AsRawFd::as_raw_fd(&**c.file),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                c.off as libc::off_t,
             )
         };
         if n < 0 {
-            return Err(Error::io(&stored.path, std::io::Error::last_os_error()));
+            return Err(Error::io(c.path, std::io::Error::last_os_error()));
         }
-        // The headers were checked a moment ago; one that changed since (or a read cut
-        // short) sends the caller to the checked path.
-        let want = |k: usize| {
-            crate::stored::block_header(
-                stored.segments[k].1 as usize,
-                k + 1 == stored.segments.len(),
-            )
-        };
-        if n as usize != total || gaps.iter().enumerate().any(|(k, g)| *g != want(k + 1)) {
+        let layout_ok = n as usize == c.len
+            && head == header(dsize)
+            && block_heads
+                .iter()
+                .zip(&layout)
+                .all(|(h, &(n, last))| *h == block_header(n, last));
+        if !layout_ok {
             return Ok(false);
         }
         #[allow(unsafe_code)]
-        // SAFETY: the read filled all `total` bytes, so every content iovec, which together
+        // SAFETY: the read filled all `len` bytes, so every content iovec, which together
         // cover `out`'s first `dsize` spare bytes, was filled.
         unsafe {
             out.set_len(dsize)

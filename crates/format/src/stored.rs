@@ -37,6 +37,13 @@ pub(crate) fn store(data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(xxh64(data, 0) as u32).to_le_bytes());
 }
 
+/// The blocks of a stored frame of `len` (> 0) content bytes: each one's content length and
+/// whether it is the last.
+pub(crate) fn blocks(len: usize) -> impl Iterator<Item = (usize, bool)> {
+    let count = len.div_ceil(BLOCK);
+    (0..count).map(move |k| (BLOCK.min(len - k * BLOCK), k + 1 == count))
+}
+
 /// A stored frame's first 9 bytes: magic, descriptor, content size.
 pub(crate) fn header(len: usize) -> [u8; 9] {
     let mut h = [0u8; 9];
