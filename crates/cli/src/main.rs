@@ -85,8 +85,9 @@ enum Command {
         /// Push only this image (repeatable).
         #[arg(long = "image", value_name = "NAME")]
         images: Vec<String>,
-        /// Chunk size for large blobs.
-        #[arg(long, default_value = "32MiB", value_parser = config::parse_size)]
+        /// Chunk size for large blobs (an upload goes on from where the registry stands after
+        /// a failure, whatever the size; smaller chunks are for proxies that limit bodies).
+        #[arg(long, default_value = "128MiB", value_parser = config::parse_size)]
         chunk_size: u64,
         /// Hash every frame against the archive's index before sending it (without it, the
         /// registry's digest check guards the content, with zstd's checksums of compressed

@@ -68,7 +68,7 @@ impl Default for Options {
             pvc_size: "20Gi".into(),
             via: Via::PortForward,
             jobs: 8,
-            chunk_size: 32 << 20,
+            chunk_size: bundle_oci::push::DEFAULT_CHUNK,
             maps: Vec::new(),
             timeout: Duration::from_secs(180),
             dry_run: false,

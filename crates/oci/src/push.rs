@@ -25,6 +25,13 @@ use crate::{BoxError, Client, Error, Reference, Repo, Result, Scope};
 /// Blobs at most this big go up in one request.
 pub const MONOLITHIC_MAX: u64 = 16 << 20;
 
+/// The default chunk of a chunked upload. Every chunk is a request that distribution closes
+/// with an fsync of the upload and a saved hash state, so small chunks cost the registry CPU
+/// (about a tenth of its CPU at 32 MiB against whole blobs, on the bench set); a failed chunk
+/// is not sent again whole either way, since the upload goes on from the offset the registry
+/// reports. Smaller chunks are for proxies that limit request bodies.
+pub const DEFAULT_CHUNK: u64 = 128 << 20;
+
 /// A `--map SRC_PREFIX=DST_PREFIX` rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapRule {
