@@ -600,27 +600,40 @@ fn speedup(
     }
 }
 
-/// What the CPU allows a push: the registry runs on the same cores as the client, so no push
-/// can take less wall time than (client CPU + registry CPU) / cores. Shows that bound for our
-/// fastest push, how close the push came to it (the cores' busy share), and the ratio to the
-/// peer that a push at the bound would reach.
-fn cpu_floor_row(ours: &Result<Best>, peer: &Result<Best>, cores: usize) -> Option<Row> {
+/// What the CPU allows a push or a pull (`what`): the registry runs on the same cores as the
+/// client, so no run can take less wall time than (client CPU + registry CPU) / cores. Shows
+/// that bound for our fastest run and for the peer's, how close each came to it (the cores'
+/// busy share), the ratio to the peer that a run at our bound would reach, and the ratio of the
+/// two bounds: what the target asks of the machine when both tools keep every core busy.
+fn cpu_floor_row(
+    what: &str,
+    ours: &Result<Best>,
+    peer: &Result<Best>,
+    cores: usize,
+) -> Option<Row> {
     let (o, p) = (ours.as_ref().ok()?, peer.as_ref().ok()?);
-    let registry = o.side_cpu?;
-    let floor = (o.cpu + registry).as_secs_f64() / cores.max(1) as f64;
-    let wall = o.wall.as_secs_f64().max(1e-9);
+    let floor = |b: &Best| -> Option<(f64, String)> {
+        let registry = b.side_cpu?;
+        let f = (b.cpu + registry).as_secs_f64() / cores.max(1) as f64;
+        let busy = 100.0 * f / b.wall.as_secs_f64().max(1e-9);
+        Some((
+            f,
+            format!(
+                "{f:.2} s = ({:.2} s + registry {:.2} s) / {cores}; the run kept the cores {busy:.0}% busy",
+                b.cpu.as_secs_f64(),
+                registry.as_secs_f64(),
+            ),
+        ))
+    };
+    let ((of, ours_text), (pf, peer_text)) = (floor(o)?, floor(p)?);
     Some(Row {
-        what: format!("push: CPU-bound least wall time on {cores} cores (info)"),
-        ours: format!(
-            "{floor:.2} s = ({:.2} s + registry {:.2} s) / {cores}; the push kept the cores {:.0}% busy",
-            o.cpu.as_secs_f64(),
-            registry.as_secs_f64(),
-            100.0 * floor / wall
-        ),
-        peer: secs(p.wall),
+        what: format!("{what}: CPU-bound least wall time on {cores} cores (info)"),
+        ours: ours_text,
+        peer: format!("{}; its bound {peer_text}", secs(p.wall)),
         ratio: format!(
-            "{:.2} (peer time / floor)",
-            p.wall.as_secs_f64() / floor.max(1e-9)
+            "{:.2} (peer time / our bound); {:.2} bound to bound",
+            p.wall.as_secs_f64() / of.max(1e-9),
+            pf / of.max(1e-9)
         ),
         target: "—".into(),
         result: "info".into(),
@@ -1355,7 +1368,7 @@ fn registry_group(cx: &Cx) -> Result<Section> {
         &format!("skopeo copy --preserve-digests --all oci:layout:TAG docker://…, {n} runs"),
         Some(2.0),
     ));
-    if let Some(row) = cpu_floor_row(&push, &push_peer, cx.cores) {
+    if let Some(row) = cpu_floor_row("push", &push, &push_peer, cx.cores) {
         s.rows.push(row);
     }
     s.rows.push(match (&repush, &push) {
@@ -1390,6 +1403,9 @@ fn registry_group(cx: &Cx) -> Result<Section> {
         &format!("{PULL_PEER}, {n} runs, one DIR"),
         Some(1.5),
     ));
+    if let Some(row) = cpu_floor_row("pull", &pull, &pull_peer, cx.cores) {
+        s.rows.push(row);
+    }
     s.rss.push(rss_row("bundle push", &push, Some(&push_peer)));
     s.rss.push(rss_row("bundle push (re-push)", &repush, None));
     s.rss.push(rss_row(
@@ -1781,6 +1797,45 @@ fn static_rows(s: &mut Section, statics: Result<Statics>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bound is (client + registry CPU) / cores for each side, the busy share the bound
+    /// over the wall time; without a registry's CPU there is no row.
+    #[test]
+    fn bounds_runs_by_their_cpu() {
+        let best = |wall: f64, cpu: f64, registry: Option<f64>| -> Result<Best> {
+            Ok(Best {
+                wall: Duration::from_secs_f64(wall),
+                rss: 0,
+                cpu: Duration::from_secs_f64(cpu),
+                side_cpu: registry.map(Duration::from_secs_f64),
+            })
+        };
+        let row = cpu_floor_row(
+            "push",
+            &best(2.5, 0.5, Some(3.5)),
+            &best(5.0, 3.0, Some(3.0)),
+            2,
+        )
+        .expect("a row");
+        assert_eq!(
+            row.what,
+            "push: CPU-bound least wall time on 2 cores (info)"
+        );
+        assert_eq!(
+            row.ours,
+            "2.00 s = (0.50 s + registry 3.50 s) / 2; the run kept the cores 80% busy"
+        );
+        assert!(row.peer.ends_with(
+            "its bound 3.00 s = (3.00 s + registry 3.00 s) / 2; the run kept the cores 60% busy"
+        ));
+        assert_eq!(
+            row.ratio,
+            "2.50 (peer time / our bound); 1.50 bound to bound"
+        );
+        assert!(
+            cpu_floor_row("pull", &best(1.0, 1.0, None), &best(1.0, 1.0, Some(1.0)), 2).is_none()
+        );
+    }
 
     #[test]
     fn reads_the_openssl_summary_line() {
