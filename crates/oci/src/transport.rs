@@ -134,9 +134,15 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 /// unverified TLS client for hosts named insecure. Connections are pooled and reused.
 #[derive(Clone)]
 pub struct Direct {
-    verified: HyperClient<Https, ReqBody>,
+    /// Built on the first request that verifies a certificate: reading the system's roots
+    /// takes about 10 ms, which a command that only talks to insecure or plain-HTTP registries
+    /// (a re-push costs 30 ms in all) should not pay.
+    verified: std::sync::OnceLock<HyperClient<Https, ReqBody>>,
     unverified: HyperClient<Https, ReqBody>,
     insecure: Arc<BTreeSet<String>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The certificates of `ca_files`, read and checked when the transport is built.
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 fn load_pem(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
@@ -204,57 +210,79 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 }
 
 impl Direct {
-    /// Builds the transport.
+    /// Builds the transport. The certificates of `ca_files` are read and checked now; the
+    /// system's roots on the first request that needs them.
     pub fn new(opts: &TlsOptions) -> Result<Direct> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            // A broken system certificate should not stop registries that use others.
-            let _ = roots.add(cert);
-        }
+        let mut extra_roots = Vec::new();
+        let mut check = rustls::RootCertStore::empty();
         for f in &opts.ca_files {
             for cert in load_pem(f)? {
-                roots
-                    .add(cert)
+                check
+                    .add(cert.clone())
                     .map_err(|e| Error::Tls(format!("{}: {e}", f.display())))?;
+                extra_roots.push(cert);
             }
         }
-        let builder = || {
-            rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| Error::Tls(e.to_string()))
-        };
-        let verified_cfg = builder()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let unverified_cfg = builder()?
+        let unverified_cfg = tls_config(&provider)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(Arc::clone(&provider))))
             .with_no_client_auth();
-        let connector = |cfg: rustls::ClientConfig| {
-            let mut http = HttpConnector::new();
-            http.enforce_http(false);
-            http.set_nodelay(true);
-            http.set_connect_timeout(Some(std::time::Duration::from_secs(30)));
-            hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(cfg)
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http)
-        };
-        let client = |cfg| {
-            HyperClient::builder(TokioExecutor::new())
-                .pool_idle_timeout(std::time::Duration::from_secs(30))
-                .pool_max_idle_per_host(32)
-                .build(connector(cfg))
-        };
         Ok(Direct {
-            verified: client(verified_cfg),
-            unverified: client(unverified_cfg),
+            verified: std::sync::OnceLock::new(),
+            unverified: hyper_client(unverified_cfg),
             insecure: Arc::new(opts.insecure.clone()),
+            provider,
+            extra_roots,
         })
     }
+
+    /// The client that verifies certificates against the system's roots and `ca_files`.
+    fn verified(&self) -> Result<&HyperClient<Https, ReqBody>> {
+        if let Some(c) = self.verified.get() {
+            return Ok(c);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A broken system certificate should not stop registries that use others.
+            let _ = roots.add(cert);
+        }
+        for cert in &self.extra_roots {
+            // Checked in `new`.
+            let _ = roots.add(cert.clone());
+        }
+        let cfg = tls_config(&self.provider)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Two first requests at once may both build one; either is kept.
+        Ok(self.verified.get_or_init(|| hyper_client(cfg)))
+    }
+}
+
+/// A TLS client configuration with `provider` and its safe protocol versions.
+fn tls_config(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>> {
+    rustls::ClientConfig::builder_with_provider(Arc::clone(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))
+}
+
+/// A pooling HTTP/1.1 client over TCP that speaks TLS with `cfg` to https URLs.
+fn hyper_client(cfg: rustls::ClientConfig) -> HyperClient<Https, ReqBody> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(30)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(cfg)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    HyperClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .pool_max_idle_per_host(32)
+        .build(connector)
 }
 
 impl Transport for Direct {
@@ -280,7 +308,10 @@ impl Transport for Direct {
         let client = if self.insecure.contains(&host) {
             self.unverified.clone()
         } else {
-            self.verified.clone()
+            match self.verified() {
+                Ok(c) => c.clone(),
+                Err(e) => return Box::pin(async move { Err(Box::new(e) as BoxError) }),
+            }
         };
         Box::pin(async move {
             let resp = client
