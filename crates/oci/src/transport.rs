@@ -135,8 +135,9 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 #[derive(Clone)]
 pub struct Direct {
     /// Built on the first request that verifies a certificate: reading the system's roots
-    /// takes about 10 ms, which a command that only talks to insecure or plain-HTTP registries
-    /// (a re-push costs 30 ms in all) should not pay.
+    /// (a file per certificate) takes several milliseconds, which a command that only talks
+    /// to insecure or plain-HTTP registries (a re-push to one takes about 30 ms in all) should
+    /// not pay.
     verified: std::sync::OnceLock<HyperClient<Https, ReqBody>>,
     unverified: HyperClient<Https, ReqBody>,
     insecure: Arc<BTreeSet<String>>,
