@@ -339,31 +339,29 @@ impl Client {
         let host = repo.api_host().to_owned();
         let scope_key = scope.to_string();
         let mut tried_auth = false;
-        let mut sent_token: Option<String> = None;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
             let url = self.url(&host, &call.path).await?;
+            let auth = self.host_state(&host, |s| {
+                s.tokens
+                    .get(&scope_key)
+                    .cloned()
+                    .or_else(|| s.basic.then(String::new))
+            });
+            let sent_token = auth.clone().filter(|v| !v.is_empty());
+            let authorization = match auth {
+                Some(v) if !v.is_empty() => Some(v),
+                Some(_) => self.basic_header(&repo.registry)?,
+                None => None,
+            }
+            .and_then(|v| HeaderValue::from_str(&v).ok());
             let mut builder = Request::builder().method(call.method.clone()).uri(&url);
             if let Some(h) = builder.headers_mut() {
                 h.extend(call.headers.clone());
                 h.insert(header::USER_AGENT, self.inner.user_agent.clone());
-                let auth = self.host_state(&host, |s| {
-                    s.tokens
-                        .get(&scope_key)
-                        .cloned()
-                        .or_else(|| s.basic.then(String::new))
-                });
-                sent_token = auth.clone().filter(|v| !v.is_empty());
-                let value = match auth {
-                    Some(v) if !v.is_empty() => Some(v),
-                    Some(_) => self.basic_header(&repo.registry)?,
-                    None => None,
-                };
-                if let Some(v) = value
-                    && let Ok(v) = HeaderValue::from_str(&v)
-                {
-                    h.insert(header::AUTHORIZATION, v);
+                if let Some(v) = &authorization {
+                    h.insert(header::AUTHORIZATION, v.clone());
                 }
             }
             let files = call
@@ -381,7 +379,16 @@ impl Client {
             if let Some(files) = files {
                 req.extensions_mut().insert(files);
             }
-            let result = self.raw(req).await;
+            let mut result = self.raw(req).await;
+            if let Ok(resp) = &result
+                && is_redirect(resp.status())
+                && (call.method == Method::GET || call.method == Method::HEAD)
+            {
+                result = match result {
+                    Ok(resp) => self.follow(resp, call, &url, authorization.as_ref()).await,
+                    other => other,
+                };
+            }
             let transient = match result {
                 Err(e) => Err(Error::Transport {
                     registry: host.clone(),
@@ -442,6 +449,59 @@ impl Client {
                 Ok(()) => unreachable!(),
             }
         }
+    }
+
+    /// Follows the redirects of a GET or HEAD from `url`: registries send blob downloads (and
+    /// their HEADs) to a CDN or an object store (Docker Hub, GHCR, Quay, ECR, distribution on
+    /// S3). The call's headers go along (a `Range` too), its `Authorization` only to the same
+    /// origin: a signed object-store URL carries its own, and would refuse a second.
+    async fn follow(
+        &self,
+        mut resp: Response<RespBody>,
+        call: &Call<'_>,
+        url: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> std::result::Result<Response<RespBody>, crate::BoxError> {
+        let mut from = url.to_owned();
+        for _ in 0..MAX_REDIRECTS {
+            if !is_redirect(resp.status()) {
+                return Ok(resp);
+            }
+            let Some(location) = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+            else {
+                // Without a Location the caller reports the status as it is.
+                return Ok(resp);
+            };
+            let to = resolve_location(&from, location).ok_or_else(|| {
+                format!(
+                    "{}: bad redirect Location {location:?} from {from}",
+                    call.action
+                )
+            })?;
+            let mut builder = Request::builder().method(call.method.clone()).uri(&to);
+            if let Some(h) = builder.headers_mut() {
+                h.extend(call.headers.clone());
+                h.insert(header::USER_AGENT, self.inner.user_agent.clone());
+                if let Some(v) = authorization
+                    && origin(&to) == origin(url)
+                {
+                    h.insert(header::AUTHORIZATION, v.clone());
+                }
+            }
+            let req = builder
+                .body(empty())
+                .map_err(|e| format!("{}: cannot build request for {to}: {e}", call.action))?;
+            resp = self.raw(req).await?;
+            from = to;
+        }
+        Err(format!(
+            "{}: more than {MAX_REDIRECTS} redirects (last to {from})",
+            call.action
+        )
+        .into())
     }
 
     fn basic_header(&self, registry: &str) -> Result<Option<String>> {
@@ -647,4 +707,99 @@ pub fn content_digest(h: &HeaderMap) -> Option<std::result::Result<Digest, Strin
             .map_err(|e| e.to_string())
             .and_then(|s| s.parse::<Digest>().map_err(|e| e.to_string())),
     )
+}
+
+/// Redirects a GET or HEAD follows, at most.
+const MAX_REDIRECTS: usize = 10;
+
+fn is_redirect(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308)
+}
+
+/// `(scheme, authority)` of an absolute URL, lower-cased.
+fn origin(url: &str) -> Option<(String, String)> {
+    let uri: http::Uri = url.parse().ok()?;
+    Some((
+        uri.scheme_str()?.to_ascii_lowercase(),
+        uri.authority()?.as_str().to_ascii_lowercase(),
+    ))
+}
+
+/// The absolute URL a `Location` header names, relative to the request's URL `base` (RFC 3986
+/// section 5.2, for the forms servers send: absolute, `//authority/path`, `/path`, `path`);
+/// `None` unless it is an http(s) URL with a host.
+fn resolve_location(base: &str, location: &str) -> Option<String> {
+    let to = if location.contains("://") {
+        location.to_owned()
+    } else {
+        let uri: http::Uri = base.parse().ok()?;
+        let (scheme, authority) = (uri.scheme_str()?, uri.authority()?);
+        if let Some(rest) = location.strip_prefix("//") {
+            format!("{scheme}://{rest}")
+        } else if location.starts_with('/') {
+            format!("{scheme}://{authority}{location}")
+        } else {
+            let dir = uri.path().rsplit_once('/').map_or("", |(d, _)| d);
+            format!("{scheme}://{authority}{dir}/{location}")
+        }
+    };
+    let uri: http::Uri = to.parse().ok()?;
+    let web = matches!(uri.scheme_str(), Some("http" | "https"));
+    (web && uri.authority().is_some()).then_some(to)
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::*;
+
+    #[test]
+    fn locations_resolve_against_the_request() {
+        let base = "https://registry.example:5000/v2/app/blobs/sha256:ab?x=1";
+        for (location, want) in [
+            (
+                "https://cdn.example/blobs/ab?sig=1",
+                Some("https://cdn.example/blobs/ab?sig=1"),
+            ),
+            ("//cdn.example/b", Some("https://cdn.example/b")),
+            (
+                "/elsewhere/b?q",
+                Some("https://registry.example:5000/elsewhere/b?q"),
+            ),
+            (
+                "other",
+                Some("https://registry.example:5000/v2/app/blobs/other"),
+            ),
+            ("ftp://cdn.example/b", None),
+            ("https://", None),
+            ("http://bad host/", None),
+        ] {
+            assert_eq!(
+                resolve_location(base, location).as_deref(),
+                want,
+                "{location}"
+            );
+        }
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        let o = |u: &str| origin(u);
+        assert_eq!(o("https://Reg.Example/v2/"), o("https://reg.example/x"));
+        assert_ne!(o("https://reg.example/v2/"), o("http://reg.example/v2/"));
+        assert_ne!(
+            o("https://reg.example/v2/"),
+            o("https://reg.example:444/v2/")
+        );
+        assert_ne!(o("https://reg.example/v2/"), o("https://cdn.example/v2/"));
+    }
+
+    #[test]
+    fn only_redirect_statuses_are_followed() {
+        for code in [301, 302, 303, 307, 308] {
+            assert!(is_redirect(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [200, 206, 300, 304, 305, 400, 401, 404, 500] {
+            assert!(!is_redirect(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+    }
 }

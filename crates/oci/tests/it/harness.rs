@@ -10,6 +10,7 @@
     reason = "the harness serves every test module; each uses only part of it"
 )]
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
@@ -875,6 +876,10 @@ pub enum Fault {
     /// Forward the request, pass on this many bytes of the raw response (status line and
     /// headers count), then reset the connection (RST, not FIN).
     ResetAfter(usize),
+    /// Answer `307 Temporary Redirect` to the blob the request names, at the host
+    /// [`FaultProxy::set_redirect`] gave (a [`BlobCdn`]), as registries send downloads to a
+    /// CDN or an object store.
+    Redirect,
 }
 
 /// When a [`FaultProxy`] injects a [`Fault`]: on every `every`-th request whose request line
@@ -932,6 +937,7 @@ pub struct FaultProxy {
 struct ProxyState {
     upstream: String,
     inner: Mutex<ProxyInner>,
+    redirect_to: Mutex<Option<String>>,
 }
 
 struct ProxyInner {
@@ -955,6 +961,7 @@ impl FaultProxy {
                 faults: 0,
                 log: Vec::new(),
             }),
+            redirect_to: Mutex::new(None),
         });
         let handler_state = Arc::clone(&state);
         let acceptor = Acceptor::spawn(
@@ -980,6 +987,11 @@ impl FaultProxy {
     /// Replaces the rules (and resets their counters).
     pub fn set_rules(&self, rules: Vec<Rule>) {
         lock(&self.state.inner).rules = rules.into_iter().map(|r| (r, 0, 0)).collect();
+    }
+
+    /// Where [`Fault::Redirect`] sends blob requests: a [`BlobCdn::host`].
+    pub fn set_redirect(&self, host: &str) {
+        *lock(&self.state.redirect_to) = Some(host.to_owned());
     }
 
     /// Requests seen (faulted ones included).
@@ -1074,6 +1086,21 @@ impl ProxyState {
             client.shutdown(Shutdown::Write)?;
             client.set_read_timeout(Some(Duration::from_secs(2)))?;
             let _ = io::copy(&mut client, &mut io::sink());
+            return Ok(());
+        }
+
+        if fault == Some(Fault::Redirect) {
+            // `GET /v2/NAME/blobs/sha256:HEX HTTP/1.1` -> http://CDN/blobs/sha256:HEX?sig=ok
+            let digest = request_line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|target| target.rsplit_once("/blobs/"))
+                .map(|(_, d)| d.split('?').next().unwrap_or(d).to_owned())
+                .unwrap_or_default();
+            let cdn = lock(&self.redirect_to).clone().unwrap_or_default();
+            let location = format!("http://{cdn}/blobs/{digest}?sig=ok");
+            client.write_all(&http_response(307, &[("Location", &location)], b""))?;
+            client.shutdown(Shutdown::Write)?;
             return Ok(());
         }
 
@@ -1221,7 +1248,11 @@ fn parse_head(head: &str) -> RequestHead<'_> {
 fn http_response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
+        206 => "Partial Content",
+        307 => "Temporary Redirect",
+        400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
@@ -1242,6 +1273,179 @@ fn http_response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> 
     let mut out = head.into_bytes();
     out.extend_from_slice(body);
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blob CDN
+// ---------------------------------------------------------------------------------------------
+
+/// What a CDN or an object store does with the blob downloads a registry redirects to it
+/// ([`Fault::Redirect`]): serves `GET`/`HEAD /blobs/sha256:HEX?sig=ok` from the registry's
+/// storage, with `Range: bytes=N-`; refuses a request that carries an `Authorization` header
+/// (400, as S3 refuses a second credential beside a signed URL) or lacks the signature (403).
+/// With `cut_after`, the first full `GET` of each larger blob is reset after that many body
+/// bytes.
+pub struct BlobCdn {
+    state: Arc<CdnState>,
+    acceptor: Acceptor,
+}
+
+struct CdnState {
+    storage: PathBuf,
+    cut_after: Option<usize>,
+    inner: Mutex<CdnInner>,
+}
+
+#[derive(Default)]
+struct CdnInner {
+    served: u64,
+    refused: u64,
+    cut: BTreeSet<String>,
+    log: Vec<String>,
+}
+
+impl BlobCdn {
+    /// A CDN for the registry whose storage is `storage` ([`Registry::storage_dir`]).
+    pub fn start(storage: &Path, cut_after: Option<usize>) -> BlobCdn {
+        let state = Arc::new(CdnState {
+            storage: storage.to_owned(),
+            cut_after,
+            inner: Mutex::default(),
+        });
+        let handler_state = Arc::clone(&state);
+        let acceptor = Acceptor::spawn(
+            "blob-cdn",
+            Arc::new(move |stream| {
+                let _ = handler_state.serve(stream);
+            }),
+        );
+        BlobCdn { state, acceptor }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        self.acceptor.addr.to_string()
+    }
+
+    /// Requests answered 200 or 206.
+    pub fn served(&self) -> u64 {
+        lock(&self.state.inner).served
+    }
+
+    /// Requests refused (with `Authorization`, without the signature, or for no such blob).
+    pub fn refused(&self) -> u64 {
+        lock(&self.state.inner).refused
+    }
+
+    /// Downloads cut short.
+    pub fn cut(&self) -> usize {
+        lock(&self.state.inner).cut.len()
+    }
+
+    /// One line per request: its request line and the status answered.
+    pub fn log(&self) -> Vec<String> {
+        lock(&self.state.inner).log.clone()
+    }
+}
+
+impl CdnState {
+    fn serve(&self, mut client: &TcpStream) -> io::Result<()> {
+        let Some((head, _)) = read_head(&mut client)? else {
+            return Ok(());
+        };
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = head.lines();
+        let request_line = lines.next().unwrap_or("").to_owned();
+        let header = |name: &str| {
+            head.lines().skip(1).find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_owned())
+            })
+        };
+        let mut parts = request_line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let digest = path.strip_prefix("/blobs/").unwrap_or("").to_owned();
+        let file = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64)
+            .map(|hex| {
+                self.storage
+                    .join("docker/registry/v2/blobs/sha256")
+                    .join(&hex[..2])
+                    .join(hex)
+                    .join("data")
+            });
+        let refuse = if header("authorization").is_some() {
+            Some((400, "a second credential beside the signature"))
+        } else if query != "sig=ok" {
+            Some((403, "no signature"))
+        } else if !matches!(method, "GET" | "HEAD") {
+            Some((400, "not a download"))
+        } else {
+            None
+        };
+        let bytes = match (refuse, &file) {
+            (None, Some(f)) => std::fs::read(f).ok(),
+            _ => None,
+        };
+        let Some(bytes) = bytes else {
+            let (status, why) = refuse.unwrap_or((404, "no such blob"));
+            let mut inner = lock(&self.inner);
+            inner.refused += 1;
+            inner.log.push(format!("{request_line} -> {status}"));
+            drop(inner);
+            return client.write_all(&http_response(status, &[], why.as_bytes()));
+        };
+        let from = header("range")
+            .and_then(|r| {
+                r.strip_prefix("bytes=")?
+                    .strip_suffix('-')?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .filter(|&n| n < bytes.len());
+        let (status, body) = match from {
+            Some(n) => (206, &bytes[n..]),
+            None => (200, &bytes[..]),
+        };
+        let range = format!(
+            "bytes {}-{}/{}",
+            from.unwrap_or(0),
+            bytes.len() - 1,
+            bytes.len()
+        );
+        let mut response = http_response(status, &[("Content-Range", &range)], body);
+        if method == "HEAD" {
+            let end = response.len() - body.len();
+            response.truncate(end);
+        }
+        let cut = {
+            let mut inner = lock(&self.inner);
+            inner.served += 1;
+            inner.log.push(format!("{request_line} -> {status}"));
+            match self.cut_after {
+                Some(n) if method == "GET" && from.is_none() && body.len() > n => inner
+                    .cut
+                    .insert(digest)
+                    .then(|| response.len() - body.len() + n),
+                _ => None,
+            }
+        };
+        match cut {
+            Some(n) => {
+                client.write_all(&response[..n])?;
+                socket2::SockRef::from(client).set_linger(Some(Duration::ZERO))?;
+            }
+            None => {
+                client.write_all(&response)?;
+                let _ = client.shutdown(Shutdown::Write);
+            }
+        }
+        Ok(())
+    }
 }
 
 type Handler = Arc<dyn Fn(&TcpStream) + Send + Sync>;

@@ -821,3 +821,77 @@ fn pull_resumes_a_cut_download_with_range_and_a_cached_pull_downloads_nothing() 
     );
     assert!(!out.exists());
 }
+
+/// Registries send blob downloads, and their HEADs, to a CDN or an object store (Docker Hub,
+/// GHCR, Quay, ECR, distribution on S3). Through a proxy that redirects every blob request
+/// of the real registry (bearer tokens) to a CDN on another port: the pull follows, without the
+/// registry's token (the CDN refuses a request that carries one), resumes a cut download with
+/// `Range` through a fresh redirect, and a push's HEADs follow too (a re-push sends nothing).
+#[test]
+fn blobs_redirected_to_another_host_are_followed_without_the_registry_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3usize << 20;
+    let archive = big_archive(dir.path(), 2, size);
+    let reg = Registry::start(Mode::PlainToken);
+    let rt = rt();
+    let report = rt
+        .block_on(bundle_oci::push::push(
+            &client(&reg, &reg.host(), reg.credentials()),
+            Arc::clone(&archive),
+            &opts(&reg.host(), 1 << 20, 2),
+        ))
+        .unwrap();
+    let cdn = harness::BlobCdn::start(&reg.storage_dir(), Some(1 << 20));
+    let proxy = FaultProxy::start(
+        &reg.host(),
+        vec![Rule::new(harness::Fault::Redirect).when("/blobs/sha256:")],
+    );
+    proxy.set_redirect(&cdn.host());
+    let host = proxy.host();
+    let c = client(&reg, &host, reg.credentials());
+    let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
+    let (name, to, digest) = &report.images[0];
+    let r: bundle_oci::Reference =
+        format!("{host}/{}:{}", to.repository, to.tag.as_deref().unwrap())
+            .parse()
+            .unwrap();
+    let pulled = rt
+        .block_on(bundle_oci::pull::pull(&c, &cache, name, &r, &[], 2))
+        .unwrap_or_else(|e| panic!("{e}\nCDN:\n{}", cdn.log().join("\n")));
+    assert_eq!(pulled.pulled, *digest);
+    for b in &archive.index().blobs {
+        assert!(cache.has(&b.digest, b.size), "{} not cached", b.digest);
+    }
+    let log = format!(
+        "CDN:\n{}\nproxy:\n{}",
+        cdn.log().join("\n"),
+        proxy.log().join("\n")
+    );
+    assert_eq!(cdn.refused(), 0, "the CDN refused requests:\n{log}");
+    // Config and both layers came from the CDN, the layers twice (cut once each, resumed).
+    assert_eq!(cdn.cut(), 2, "{log}");
+    assert!(cdn.served() >= 5, "{log}");
+    assert!(log.contains("-> 206"), "no resumed download:\n{log}");
+    let layers = 2 * size as u64;
+    assert!(
+        pulled.downloaded < layers + (1 << 20),
+        "downloaded {} for {layers} bytes of layers: restarted, not resumed",
+        pulled.downloaded
+    );
+    assert!(
+        reg.token_server().unwrap().requests() > 0,
+        "no token was used"
+    );
+    // A push's HEADs are redirected as well, and find every blob.
+    let served = cdn.served();
+    let again = rt
+        .block_on(bundle_oci::push::push(
+            &c,
+            Arc::clone(&archive),
+            &opts(&host, 1 << 20, 2),
+        ))
+        .unwrap();
+    assert_eq!(again.uploaded, 0, "{again:?}");
+    assert!(again.skipped > 0 && cdn.served() > served, "{again:?}");
+    assert_eq!(cdn.refused(), 0, "{}", cdn.log().join("\n"));
+}
