@@ -733,6 +733,44 @@ fn insecure_registry_accepts_a_self_signed_certificate() {
     check_with_skopeo(&reg, &report);
 }
 
+/// The first image `report` pushed, named through `host`: its bundle name and reference.
+fn first_image(report: &PushReport, host: &str) -> (String, bundle_oci::Reference) {
+    let (name, to, _) = &report.images[0];
+    let r = format!("{host}/{}:{}", to.repository, to.tag.as_deref().unwrap())
+        .parse()
+        .unwrap();
+    (name.clone(), r)
+}
+
+/// Checks a pull of [`first_image`] of `report` (a [`big_archive`] of two layers, whose
+/// downloads were cut): the pushed digest, every blob in `cache`, and downloads resumed, not
+/// restarted (well under the 2 MiB a restart would resend per cut layer). `context` goes with
+/// a failure.
+fn pull_resumed(
+    pulled: bundle_oci::Result<bundle_oci::pull::Pulled>,
+    report: &PushReport,
+    archive: &Archive,
+    cache: &BlobCache,
+    context: &str,
+) -> bundle_oci::pull::Pulled {
+    let pulled = pulled.unwrap_or_else(|e| panic!("{e}\n{context}"));
+    assert_eq!(pulled.pulled, report.images[0].2, "{context}");
+    for b in &archive.index().blobs {
+        assert!(
+            cache.has(&b.digest, b.size),
+            "{} not cached\n{context}",
+            b.digest
+        );
+    }
+    let layers: u64 = archive.index().blobs.iter().map(|b| b.size).sum();
+    assert!(
+        pulled.downloaded < layers + (1 << 20),
+        "downloaded {} for {layers} bytes of blobs: restarted, not resumed\n{context}",
+        pulled.downloaded
+    );
+    pulled
+}
+
 #[test]
 fn pull_resumes_a_cut_download_with_range_and_a_cached_pull_downloads_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -760,26 +798,15 @@ fn pull_resumes_a_cut_download_with_range_and_a_cached_pull_downloads_nothing() 
     let host = proxy.host();
     let c = client(&reg, &host, None);
     let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
-    let (name, to, digest) = &report.images[0];
-    let r: bundle_oci::Reference =
-        format!("{host}/{}:{}", to.repository, to.tag.as_deref().unwrap())
-            .parse()
-            .unwrap();
-    let pulled = rt
-        .block_on(bundle_oci::pull::pull(&c, &cache, name, &r, &[], 2))
-        .unwrap();
-    assert_eq!(pulled.pulled, *digest);
-    assert!(proxy.faults() >= 1, "no download was cut");
-    let layers = 2 * size as u64;
-    // Resumed, not restarted: well under the 2 MiB a restart would resend per cut layer.
-    assert!(
-        pulled.downloaded < layers + (1 << 20),
-        "downloaded {} for {layers} bytes of layers",
-        pulled.downloaded
+    let (name, r) = first_image(&report, &host);
+    let pulled = pull_resumed(
+        rt.block_on(bundle_oci::pull::pull(&c, &cache, &name, &r, &[], 2)),
+        &report,
+        &archive,
+        &cache,
+        "",
     );
-    for b in &archive.index().blobs {
-        assert!(cache.has(&b.digest, b.size));
-    }
+    assert!(proxy.faults() >= 1, "no download was cut");
     let first: Vec<Digest> = pulled
         .resolved
         .blobs
@@ -790,7 +817,7 @@ fn pull_resumes_a_cut_download_with_range_and_a_cached_pull_downloads_nothing() 
     assert_eq!(first.len(), 2, "{first:?}");
     // A second pull of the same image downloads only its manifest.
     let again = rt
-        .block_on(bundle_oci::pull::pull(&c, &cache, name, &r, &[], 2))
+        .block_on(bundle_oci::pull::pull(&c, &cache, &name, &r, &[], 2))
         .unwrap();
     assert!(
         again.downloaded < 4096,
@@ -850,34 +877,27 @@ fn blobs_redirected_to_another_host_are_followed_without_the_registry_credential
     let host = proxy.host();
     let c = client(&reg, &host, reg.credentials());
     let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
-    let (name, to, digest) = &report.images[0];
-    let r: bundle_oci::Reference =
-        format!("{host}/{}:{}", to.repository, to.tag.as_deref().unwrap())
-            .parse()
-            .unwrap();
-    let pulled = rt
-        .block_on(bundle_oci::pull::pull(&c, &cache, name, &r, &[], 2))
-        .unwrap_or_else(|e| panic!("{e}\nCDN:\n{}", cdn.log().join("\n")));
-    assert_eq!(pulled.pulled, *digest);
-    for b in &archive.index().blobs {
-        assert!(cache.has(&b.digest, b.size), "{} not cached", b.digest);
-    }
-    let log = format!(
-        "CDN:\n{}\nproxy:\n{}",
-        cdn.log().join("\n"),
-        proxy.log().join("\n")
+    let (name, r) = first_image(&report, &host);
+    let log = || {
+        format!(
+            "CDN:\n{}\nproxy:\n{}",
+            cdn.log().join("\n"),
+            proxy.log().join("\n")
+        )
+    };
+    pull_resumed(
+        rt.block_on(bundle_oci::pull::pull(&c, &cache, &name, &r, &[], 2)),
+        &report,
+        &archive,
+        &cache,
+        &log(),
     );
+    let log = log();
     assert_eq!(cdn.refused(), 0, "the CDN refused requests:\n{log}");
     // Config and both layers came from the CDN, the layers twice (cut once each, resumed).
     assert_eq!(cdn.cut(), 2, "{log}");
     assert!(cdn.served() >= 5, "{log}");
     assert!(log.contains("-> 206"), "no resumed download:\n{log}");
-    let layers = 2 * size as u64;
-    assert!(
-        pulled.downloaded < layers + (1 << 20),
-        "downloaded {} for {layers} bytes of layers: restarted, not resumed",
-        pulled.downloaded
-    );
     assert!(
         reg.token_server().unwrap().requests() > 0,
         "no token was used"
