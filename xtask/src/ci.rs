@@ -16,6 +16,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("containerd", "containerd"),
     ("ctr", "containerd"),
     ("runc", "runc"),
+    // An HTTP proxy for the registry client's proxy support.
+    ("tinyproxy", "tinyproxy"),
 ];
 
 fn run(root: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {

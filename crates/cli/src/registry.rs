@@ -26,6 +26,8 @@ impl RegistryArgs {
         let tls = TlsOptions {
             insecure: self.insecure.iter().cloned().collect(),
             ca_files: self.ca_files.clone(),
+            // HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY, as docker and skopeo read them.
+            proxy: bundle_oci::ProxyConfig::FromEnv,
         };
         let transport = Direct::new(&tls)?;
         let creds = CredentialStore::from_environment().context("reading docker credentials")?;

@@ -7,6 +7,7 @@ pub mod client;
 pub mod error;
 pub mod manifest;
 mod pool;
+pub mod proxy;
 pub mod pull;
 pub mod push;
 pub mod reference;
@@ -16,5 +17,6 @@ pub mod transport;
 
 pub use client::{Client, Repo, Scope};
 pub use error::{BoxError, Error, Result};
+pub use proxy::ProxyConfig;
 pub use reference::Reference;
 pub use transport::{Direct, TlsOptions, Transport};

@@ -16,6 +16,7 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::proxy::{Proxies, ProxyConnector};
 use crate::{BoxError, Error, Result};
 
 /// A request body.
@@ -118,6 +119,8 @@ pub struct TlsOptions {
     pub insecure: BTreeSet<String>,
     /// Extra PEM files of CA certificates to trust, beside the system's.
     pub ca_files: Vec<std::path::PathBuf>,
+    /// Which requests go through an HTTP proxy (by default, as the environment says).
+    pub proxy: crate::ProxyConfig,
 }
 
 impl TlsOptions {
@@ -128,7 +131,7 @@ impl TlsOptions {
     }
 }
 
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+type Https = hyper_rustls::HttpsConnector<ProxyConnector>;
 
 /// The direct transport: TCP, TLS by rustls with the system roots (plus `ca_files`), and an
 /// unverified TLS client for hosts named insecure. Connections are pooled and reused.
@@ -141,6 +144,7 @@ pub struct Direct {
     verified: std::sync::OnceLock<HyperClient<Https, ReqBody>>,
     unverified: HyperClient<Https, ReqBody>,
     insecure: Arc<BTreeSet<String>>,
+    proxies: Arc<Proxies>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// The certificates of `ca_files`, read and checked when the transport is built.
     extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -229,10 +233,12 @@ impl Direct {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(Arc::clone(&provider))))
             .with_no_client_auth();
+        let proxies = Arc::new(Proxies::new(&opts.proxy));
         Ok(Direct {
             verified: std::sync::OnceLock::new(),
-            unverified: hyper_client(unverified_cfg),
+            unverified: hyper_client(unverified_cfg, &proxies),
             insecure: Arc::new(opts.insecure.clone()),
+            proxies,
             provider,
             extra_roots,
         })
@@ -256,7 +262,9 @@ impl Direct {
             .with_root_certificates(roots)
             .with_no_client_auth();
         // Two first requests at once may both build one; either is kept.
-        Ok(self.verified.get_or_init(|| hyper_client(cfg)))
+        Ok(self
+            .verified
+            .get_or_init(|| hyper_client(cfg, &self.proxies)))
     }
 }
 
@@ -269,8 +277,9 @@ fn tls_config(
         .map_err(|e| Error::Tls(e.to_string()))
 }
 
-/// A pooling HTTP/1.1 client over TCP that speaks TLS with `cfg` to https URLs.
-fn hyper_client(cfg: rustls::ClientConfig) -> HyperClient<Https, ReqBody> {
+/// A pooling HTTP/1.1 client over TCP, through `proxies` where they apply, that speaks TLS
+/// with `cfg` to https URLs.
+fn hyper_client(cfg: rustls::ClientConfig, proxies: &Arc<Proxies>) -> HyperClient<Https, ReqBody> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -279,7 +288,10 @@ fn hyper_client(cfg: rustls::ClientConfig) -> HyperClient<Https, ReqBody> {
         .with_tls_config(cfg)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(ProxyConnector {
+            http,
+            proxies: Arc::clone(proxies),
+        });
     HyperClient::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(30))
         .pool_max_idle_per_host(32)
@@ -296,15 +308,28 @@ impl Transport for Direct {
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
+        let via = self.proxies.via(req.uri());
         if let Some(files) = req.extensions().get::<FileBody>().cloned() {
-            if req.uri().scheme_str() == Some("http") {
+            if req.uri().scheme_str() == Some("http") && via.is_none() {
                 return Box::pin(crate::sendfile::send(req, files));
             }
             // (`sends_files` said no: the client does not make such a request.)
             let uri = req.uri().to_string();
             return Box::pin(async move {
-                Err(format!("{uri}: a file body is sent over plain HTTP only").into())
+                Err(
+                    format!("{uri}: a file body is sent over plain HTTP without a proxy only")
+                        .into(),
+                )
             });
+        }
+        let mut req = req;
+        // A plain-HTTP request through a proxy carries the proxy's credentials itself (an
+        // https one gives them to the CONNECT).
+        if let Some(auth) = via.and_then(|v| v.auth)
+            && req.uri().scheme_str() == Some("http")
+        {
+            req.headers_mut()
+                .insert(http::header::PROXY_AUTHORIZATION, auth);
         }
         let client = if self.insecure.contains(&host) {
             self.unverified.clone()
@@ -323,8 +348,12 @@ impl Transport for Direct {
         })
     }
 
-    /// Plain-HTTP requests send file pieces with sendfile(2), on a connection of their own.
+    /// Plain-HTTP requests send file pieces with sendfile(2), on a connection of their own,
+    /// unless they go through a proxy.
     fn sends_files(&self, url: &str) -> bool {
         url.starts_with("http://")
+            && url
+                .parse::<http::Uri>()
+                .is_ok_and(|u| self.proxies.via(&u).is_none())
     }
 }

@@ -1276,6 +1276,72 @@ fn http_response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> 
 }
 
 // ---------------------------------------------------------------------------------------------
+// HTTP proxy
+// ---------------------------------------------------------------------------------------------
+
+/// Debian's tinyproxy on 127.0.0.1, in the foreground: a real HTTP proxy (`CONNECT` tunnels and
+/// absolute-form requests) that logs every request. Stopped when dropped.
+pub struct TinyProxy {
+    dir: TempDir,
+    port: u16,
+    child: Child,
+}
+
+impl TinyProxy {
+    pub fn start() -> TinyProxy {
+        let bin = require_tool("tinyproxy");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("tinyproxy.conf");
+        fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{}\"\nLogLevel Connect\n\
+                 MaxClients 64\nAllow 127.0.0.1\nDisableViaHeader Yes\n",
+                dir.path().join("log").display()
+            ),
+        )
+        .expect("write tinyproxy.conf");
+        let child = Command::new(bin)
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tinyproxy");
+        let proxy = TinyProxy { dir, port, child };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "tinyproxy did not listen on {port}: {}",
+                proxy.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        proxy
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Its log: a `Request (file descriptor N): METHOD TARGET HTTP/1.1` line per request.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TinyProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Blob CDN
 // ---------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ use bundle_oci::auth::{CredentialStore, Credentials};
 use bundle_oci::cache::BlobCache;
 use bundle_oci::client::RetryPolicy;
 use bundle_oci::push::{PushOptions, PushReport, Target};
-use bundle_oci::{Client, Direct, Error, TlsOptions};
+use bundle_oci::{Client, Direct, Error, ProxyConfig, TlsOptions};
 
 use crate::harness::{self, FaultProxy, Mode, Registry, Rule};
 
@@ -31,7 +31,20 @@ fn fast_retry() -> RetryPolicy {
 
 /// A client for `host` with the registry's CA and credentials.
 fn client(reg: &Registry, host: &str, creds: Option<(&str, &str)>) -> Client {
-    let mut tls = TlsOptions::default();
+    client_via(reg, host, creds, ProxyConfig::Off)
+}
+
+/// [`client`], through `proxy`.
+fn client_via(
+    reg: &Registry,
+    host: &str,
+    creds: Option<(&str, &str)>,
+    proxy: ProxyConfig,
+) -> Client {
+    let mut tls = TlsOptions {
+        proxy,
+        ..TlsOptions::default()
+    };
     if reg.is_plain() {
         tls.insecure.insert(host.to_owned());
     }
@@ -914,4 +927,68 @@ fn blobs_redirected_to_another_host_are_followed_without_the_registry_credential
     assert_eq!(again.uploaded, 0, "{again:?}");
     assert!(again.skipped > 0 && cdn.served() > served, "{again:?}");
     assert_eq!(cdn.refused(), 0, "{}", cdn.log().join("\n"));
+}
+
+/// Behind a corporate proxy (Debian's tinyproxy): https registries through `CONNECT` tunnels
+/// (the token server's too), plain-HTTP ones by absolute-form requests (not sendfile); push and
+/// pull work and every request went through the proxy; a registry named in the no-proxy list is
+/// reached straight.
+#[test]
+fn push_and_pull_through_an_http_proxy() {
+    for mode in [Mode::Token, Mode::Plain] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, archive) = small_archive(dir.path());
+        let reg = Registry::start(mode);
+        let host = reg.host();
+        let proxy = harness::TinyProxy::start();
+        let via = |no: &str| ProxyConfig::Given {
+            https: Some(proxy.url()),
+            http: Some(proxy.url()),
+            no: no.to_owned(),
+        };
+        let c = client_via(&reg, &host, reg.credentials(), via(""));
+        let rt = rt();
+        let pushed = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 4))
+            .unwrap_or_else(|e| panic!("{mode:?}: {e}\nproxy log:\n{}", proxy.log()));
+        check_with_skopeo(&reg, &pushed);
+        assert_eq!(
+            pushed.bytes_from_files, 0,
+            "{mode:?}: sendfile past the proxy"
+        );
+        let cache = BlobCache::open(&dir.path().join("cache")).unwrap();
+        for (name, to, digest) in &pushed.images {
+            let pulled = rt
+                .block_on(bundle_oci::pull::pull(&c, &cache, name, to, &[], 4))
+                .unwrap_or_else(|e| panic!("{mode:?} pull {to}: {e}"));
+            assert_eq!(pulled.pulled, *digest);
+        }
+        let log = proxy.log();
+        let through = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+        match mode {
+            Mode::Plain => {
+                for method in ["HEAD", "POST", "PUT", "GET"] {
+                    let line = format!("{method} http://{host}/v2/");
+                    assert!(through(&line) > 0, "no {line} in the proxy log:\n{log}");
+                }
+            }
+            _ => {
+                assert!(through(&format!("CONNECT {host}")) > 0, "{log}");
+                let token = reg.token_server().unwrap().realm();
+                let token_host = token.split('/').nth(2).unwrap();
+                assert!(through(&format!("CONNECT {token_host}")) > 0, "{log}");
+            }
+        }
+        // Named in the no-proxy list (by host, as NO_PROXY names them): reached straight.
+        let connections = |log: &str| log.matches("Connect (file descriptor").count();
+        let before = connections(&proxy.log());
+        let ip = host.rsplit_once(':').unwrap().0;
+        let straight = client_via(&reg, &host, reg.credentials(), via(ip));
+        push_all(&rt, &straight, &archive, &opts(&host, 1 << 20, 4)).unwrap();
+        assert_eq!(
+            connections(&proxy.log()),
+            before,
+            "{mode:?}: went through the proxy:\n{}",
+            proxy.log()
+        );
+    }
 }
