@@ -793,6 +793,20 @@ mod redirect_tests {
         assert_ne!(o("https://reg.example/v2/"), o("https://cdn.example/v2/"));
     }
 
+    proptest::proptest! {
+        /// Whatever a registry puts in `Location`, resolving it never panics, and what comes
+        /// out is an absolute http(s) URL with a host.
+        #[test]
+        fn any_location_resolves_to_a_web_url_or_nothing(location in ".{0,80}", path in "[a-z/:.]{0,20}") {
+            let base = format!("https://registry.example/v2/{path}");
+            if let Some(to) = resolve_location(&base, &location) {
+                let uri: http::Uri = to.parse().unwrap();
+                proptest::prop_assert!(matches!(uri.scheme_str(), Some("http" | "https")));
+                proptest::prop_assert!(uri.host().is_some());
+            }
+        }
+    }
+
     #[test]
     fn only_redirect_statuses_are_followed() {
         for code in [301, 302, 303, 307, 308] {
