@@ -147,7 +147,7 @@ pub struct Direct {
     proxies: Arc<Proxies>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// The certificates of `ca_files`, read and checked when the transport is built.
-    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    extra_roots: rustls::RootCertStore,
 }
 
 fn load_pem(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
@@ -219,14 +219,12 @@ impl Direct {
     /// system's roots on the first request that needs them.
     pub fn new(opts: &TlsOptions) -> Result<Direct> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut extra_roots = Vec::new();
-        let mut check = rustls::RootCertStore::empty();
+        let mut extra_roots = rustls::RootCertStore::empty();
         for f in &opts.ca_files {
             for cert in load_pem(f)? {
-                check
-                    .add(cert.clone())
+                extra_roots
+                    .add(cert)
                     .map_err(|e| Error::Tls(format!("{}: {e}", f.display())))?;
-                extra_roots.push(cert);
             }
         }
         let unverified_cfg = tls_config(&provider)?
@@ -249,14 +247,10 @@ impl Direct {
         if let Some(c) = self.verified.get() {
             return Ok(c);
         }
-        let mut roots = rustls::RootCertStore::empty();
+        let mut roots = self.extra_roots.clone();
         for cert in rustls_native_certs::load_native_certs().certs {
             // A broken system certificate should not stop registries that use others.
             let _ = roots.add(cert);
-        }
-        for cert in &self.extra_roots {
-            // Checked in `new`.
-            let _ = roots.add(cert.clone());
         }
         let cfg = tls_config(&self.provider)?
             .with_root_certificates(roots)
