@@ -15,7 +15,7 @@ const DESCRIPTOR: u8 = 0b1010_0100;
 
 /// Bytes a stored frame of `len` content bytes takes.
 pub(crate) fn stored_len(len: usize) -> usize {
-    4 + 1 + 4 + 3 * len.div_ceil(BLOCK).max(1) + len + 4
+    4 + 1 + 4 + 3 * blocks(len).count() + len + 4
 }
 
 /// Writes `data` into `out` (cleared first) as one stored frame: magic, descriptor, the
@@ -26,21 +26,19 @@ pub(crate) fn store(data: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.reserve(stored_len(data.len()));
     out.extend_from_slice(&header(data.len()));
-    let mut blocks = data.chunks(BLOCK).peekable();
-    if blocks.peek().is_none() {
-        out.extend_from_slice(&block_header(0, true));
-    }
-    while let Some(block) = blocks.next() {
-        out.extend_from_slice(&block_header(block.len(), blocks.peek().is_none()));
-        out.extend_from_slice(block);
+    let mut at = 0;
+    for (n, last) in blocks(data.len()) {
+        out.extend_from_slice(&block_header(n, last));
+        out.extend_from_slice(&data[at..at + n]);
+        at += n;
     }
     out.extend_from_slice(&(xxh64(data, 0) as u32).to_le_bytes());
 }
 
-/// The blocks of a stored frame of `len` (> 0) content bytes: each one's content length and
-/// whether it is the last.
+/// The blocks of a stored frame of `len` content bytes: each one's content length and whether
+/// it is the last (one empty block for empty content).
 pub(crate) fn blocks(len: usize) -> impl Iterator<Item = (usize, bool)> {
-    let count = len.div_ceil(BLOCK);
+    let count = len.div_ceil(BLOCK).max(1);
     (0..count).map(move |k| (BLOCK.min(len - k * BLOCK), k + 1 == count))
 }
 
