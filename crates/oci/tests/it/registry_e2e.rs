@@ -792,13 +792,7 @@ fn pull_resumes_a_cut_download_with_range_and_a_cached_pull_downloads_nothing() 
     let reg = Registry::start(Mode::Plain);
     let rt = rt();
     let direct = client(&reg, &reg.host(), None);
-    let report = rt
-        .block_on(bundle_oci::push::push(
-            &direct,
-            Arc::clone(&archive),
-            &opts(&reg.host(), 1 << 20, 2),
-        ))
-        .unwrap();
+    let report = push_all(&rt, &direct, &archive, &opts(&reg.host(), 1 << 20, 2)).unwrap();
     // Cut each of the two layer downloads after 2 MiB.
     let proxy = FaultProxy::start(
         &reg.host(),
@@ -874,13 +868,8 @@ fn blobs_redirected_to_another_host_are_followed_without_the_registry_credential
     let archive = big_archive(dir.path(), 2, size);
     let reg = Registry::start(Mode::PlainToken);
     let rt = rt();
-    let report = rt
-        .block_on(bundle_oci::push::push(
-            &client(&reg, &reg.host(), reg.credentials()),
-            Arc::clone(&archive),
-            &opts(&reg.host(), 1 << 20, 2),
-        ))
-        .unwrap();
+    let direct = client(&reg, &reg.host(), reg.credentials());
+    let report = push_all(&rt, &direct, &archive, &opts(&reg.host(), 1 << 20, 2)).unwrap();
     let cdn = harness::BlobCdn::start(&reg.storage_dir(), Some(1 << 20));
     let proxy = FaultProxy::start(
         &reg.host(),
@@ -917,13 +906,7 @@ fn blobs_redirected_to_another_host_are_followed_without_the_registry_credential
     );
     // A push's HEADs are redirected as well, and find every blob.
     let served = cdn.served();
-    let again = rt
-        .block_on(bundle_oci::push::push(
-            &c,
-            Arc::clone(&archive),
-            &opts(&host, 1 << 20, 2),
-        ))
-        .unwrap();
+    let again = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, 2)).unwrap();
     assert_eq!(again.uploaded, 0, "{again:?}");
     assert!(again.skipped > 0 && cdn.served() > served, "{again:?}");
     assert_eq!(cdn.refused(), 0, "{}", cdn.log().join("\n"));
