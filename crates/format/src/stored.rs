@@ -18,21 +18,41 @@ pub(crate) fn stored_len(len: usize) -> usize {
     4 + 1 + 4 + 3 * blocks(len).count() + len + 4
 }
 
-/// Writes `data` into `out` (cleared first) as one stored frame: magic, descriptor, the
-/// content size as u32le, raw blocks of 128 KiB (the last one shorter, with `Last_Block`
-/// set; one empty block for empty content), and the low 32 bits of the content's XXH64
-/// (seed 0) as u32le. `data` is at most `CHUNK` bytes, so its size fits the field.
+/// Writes `data` into `out` (cleared first) as one stored frame ([`pieces`]).
+#[cfg(test)]
 pub(crate) fn store(data: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.reserve(stored_len(data.len()));
-    out.extend_from_slice(&header(data.len()));
+    let done: Result<(), std::convert::Infallible> = pieces(data, checksum(data), |p| {
+        out.extend_from_slice(p);
+        Ok(())
+    });
+    let Ok(()) = done;
+}
+
+/// The `Content_Checksum` of a stored frame of `data`: the low 32 bits of its XXH64 (seed 0).
+pub(crate) fn checksum(data: &[u8]) -> u32 {
+    xxh64(data, 0) as u32
+}
+
+/// Hands `f` the stored frame of `data` (whose [`checksum`] is `checksum`) piece by piece, in
+/// order, without copying the content: magic, descriptor, the content size as u32le, raw
+/// blocks of 128 KiB (the last one shorter, with `Last_Block` set; one empty block for empty
+/// content), each a 3-byte header and then a slice of `data`, and the checksum as u32le.
+/// `data` is at most `CHUNK` bytes, so its size fits the field. Stops at `f`'s first error.
+pub(crate) fn pieces<E>(
+    data: &[u8],
+    checksum: u32,
+    mut f: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    f(&header(data.len()))?;
     let mut at = 0;
     for (n, last) in blocks(data.len()) {
-        out.extend_from_slice(&block_header(n, last));
-        out.extend_from_slice(&data[at..at + n]);
+        f(&block_header(n, last))?;
+        f(&data[at..at + n])?;
         at += n;
     }
-    out.extend_from_slice(&(xxh64(data, 0) as u32).to_le_bytes());
+    f(&checksum.to_le_bytes())
 }
 
 /// The blocks of a stored frame of `len` content bytes: each one's content length and whether

@@ -852,12 +852,65 @@ fn build_index(
 /// A compressed frame on its way to disk.
 struct Compressed {
     frame: u32,
+    /// The compressed frame; empty for a stored one.
     bytes: Vec<u8>,
+    /// A stored frame: its checksum. Its bytes are never gathered: they are hashed and
+    /// written piece by piece straight from `data` ([`stored::pieces`]).
+    stored: Option<u32>,
     /// The frame's digest; for a frame with blob content, computed by the writer thread.
     sha: Digest,
     dsize: u32,
-    /// The uncompressed frame and its blob content, for the writer thread to hash.
-    input: Option<(FrameData, ContentPart)>,
+    /// The uncompressed frame, while something still needs it: the writer thread hashes its
+    /// blob content (`content`), and a stored frame is written from it.
+    data: Option<FrameData>,
+    content: Option<ContentPart>,
+}
+
+impl Compressed {
+    /// The frame's size in the archive.
+    fn csize(&self) -> usize {
+        match self.stored {
+            Some(_) => stored::stored_len(self.dsize as usize),
+            None => self.bytes.len(),
+        }
+    }
+
+    /// Hands `f` the frame's bytes in order, in one piece or (stored) several.
+    fn pieces<E>(
+        &self,
+        mut f: impl FnMut(&[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        match (self.stored, &self.data) {
+            (Some(sum), Some(data)) => stored::pieces(data.bytes(), sum, f),
+            // A stored frame keeps its data until written: not reached.
+            (Some(sum), None) => stored::pieces(&[], sum, f),
+            (None, _) => f(&self.bytes),
+        }
+    }
+
+    /// The frame's sha256, for a frame without blob content.
+    fn digest(&self) -> Digest {
+        if self.stored.is_none() {
+            return Digest::of(&self.bytes);
+        }
+        let mut h = crate::Hasher::new();
+        let done: std::result::Result<(), std::convert::Infallible> = self.pieces(|p| {
+            h.update(p);
+            Ok(())
+        });
+        let Ok(()) = done;
+        h.finish()
+    }
+
+    /// Hands the buffers back: the compressed bytes to `outputs`, the input to `inputs`.
+    fn recycle(self, inputs: &Pool, outputs: &Pool) {
+        if self.bytes.capacity() > 0 {
+            outputs.give(self.bytes);
+        }
+        if let Some(FrameData::Buffer(buf, _)) = self.data {
+            inputs.give(buf);
+        }
+    }
 }
 
 /// Appends frames to part files, opening a new part when the split size says so.
@@ -902,16 +955,16 @@ impl PartWriter<'_> {
     }
 
     fn push(&mut self, c: &Compressed) -> Result<()> {
-        if c.bytes.len() > MAX_FRAME_COMPRESSED as usize {
+        if c.csize() > MAX_FRAME_COMPRESSED as usize {
             return Err(Error::Compress {
                 frame: c.frame,
                 message: format!(
                     "compressed to {} bytes, over the {MAX_FRAME_COMPRESSED} limit",
-                    c.bytes.len()
+                    c.csize()
                 ),
             });
         }
-        let csize = c.bytes.len() as u64;
+        let csize = c.csize() as u64;
         let cur = self.parts.last().map(|p| p.size);
         match (self.split, cur) {
             (Some(split), _) if csize + self.index_bound > split => {
@@ -930,8 +983,7 @@ impl PartWriter<'_> {
         let Some(part) = self.parts.last_mut() else {
             unreachable!("a part was just opened")
         };
-        part.file
-            .write_all(&c.bytes)
+        c.pieces(|p| part.file.write_all(p))
             .map_err(|e| Error::io(&part.tmp, e))?;
         self.frames.push(Frame(
             part.size,
@@ -975,42 +1027,48 @@ fn compress_jobs(
         .into_iter()
         .flatten()
         .map(|job| {
-            let mut bytes = outputs.take(0);
             let data = job.data.bytes();
             let dsize = data.len() as u32;
-            let res = if job.stored {
-                stored::store(data, &mut bytes);
-                Ok(())
+            // A stored frame is only its checksum here; the writer threads take its bytes
+            // straight from the input.
+            let (res, bytes, stored) = if job.stored {
+                (Ok(()), Vec::new(), Some(stored::checksum(data)))
             } else {
-                compress(data, level, job.frame, &mut bytes)
+                let mut bytes = outputs.take(0);
+                (compress(data, level, job.frame, &mut bytes), bytes, None)
             };
-            let input = match (job.content, job.data) {
-                (Some(part), data) => Some((data, part)),
-                (None, FrameData::Buffer(buf, _)) => {
+            let keep = job.content.is_some() || stored.is_some();
+            let data = match job.data {
+                d if keep => Some(d),
+                FrameData::Buffer(buf, _) => {
                     inputs.give(buf);
                     None
                 }
-                (None, FrameData::Mapped(_)) => None,
+                FrameData::Mapped(_) => None,
             };
             res.map(|()| Compressed {
                 frame: job.frame,
                 bytes,
+                stored,
                 sha: Digest::from_bytes([0; 32]),
                 dsize,
-                input,
+                data,
+                content: job.content,
             })
         })
         .collect();
     let mut alone: Vec<&mut Compressed> = done
         .iter_mut()
         .flatten()
-        .filter(|c| c.input.is_none())
+        .filter(|c| c.content.is_none())
         .collect();
     match alone.as_mut_slice() {
-        [a, b] => (a.sha, b.sha) = Digest::of_pair(&a.bytes, &b.bytes),
+        [a, b] if a.stored.is_none() && b.stored.is_none() => {
+            (a.sha, b.sha) = Digest::of_pair(&a.bytes, &b.bytes)
+        }
         slice => {
             for c in slice {
-                c.sha = Digest::of(&c.bytes);
+                c.sha = c.digest();
             }
         }
     }
@@ -1021,7 +1079,6 @@ fn compress_jobs(
 /// whose frames are in stream order here), side by side; checks the blob at its end.
 fn hash_content(
     c: &mut Compressed,
-    data: &FrameData,
     part: ContentPart,
     blob: &mut Sha,
     members: &[Member],
@@ -1031,8 +1088,17 @@ fn hash_content(
         *blob = Sha::new();
     }
     let mut frame = Sha::new();
-    let content = data.bytes().get(part.range).unwrap_or_default();
-    update_pair(&mut frame, &c.bytes, blob, content);
+    let data = c.data.as_ref().map(FrameData::bytes).unwrap_or_default();
+    let mut content = data.get(part.range).unwrap_or_default();
+    // The frame's pieces, each beside as much content as it is long.
+    let done: std::result::Result<(), std::convert::Infallible> = c.pieces(|p| {
+        let (now, later) = content.split_at(p.len().min(content.len()));
+        update_pair(&mut frame, p, blob, now);
+        content = later;
+        Ok(())
+    });
+    let Ok(()) = done;
+    update_pair(&mut frame, &[], blob, content);
     c.sha = Digest::from_bytes(frame.finish());
     if let Some((member, staged)) = part.last {
         let found = Digest::from_bytes(std::mem::replace(blob, Sha::new()).finish());
@@ -1098,7 +1164,7 @@ fn pipeline(
         // Frames go to the parts from their own thread, so that a blocking write never holds
         // up the hashing.
         let (wtx, wrx) = mpsc::sync_channel::<Compressed>(4);
-        let outputs_ref = &outputs;
+        let (inputs_ref, outputs_ref) = (&inputs, &outputs);
         let io = s.spawn(move || -> Result<()> {
             writer.syncer = Some(stx);
             let mut res = Ok(());
@@ -1107,7 +1173,7 @@ fn pipeline(
                     res = Err(e);
                     break;
                 }
-                outputs_ref.give(c.bytes);
+                c.recycle(inputs_ref, outputs_ref);
             }
             writer.syncer = None;
             res
@@ -1122,10 +1188,12 @@ fn pipeline(
                     pending.insert(c.frame, c);
                     while let Some(mut c) = pending.remove(&next) {
                         next += 1;
-                        if let Some((data, part)) = c.input.take() {
-                            let hashed =
-                                hash_content(&mut c, &data, part, &mut blob, members, arrivals);
-                            if let FrameData::Buffer(buf, _) = data {
+                        if let Some(part) = c.content.take() {
+                            let hashed = hash_content(&mut c, part, &mut blob, members, arrivals);
+                            // Only a stored frame's writing needs its input now.
+                            if c.stored.is_none()
+                                && let Some(FrameData::Buffer(buf, _)) = c.data.take()
+                            {
                                 inputs.give(buf);
                             }
                             if let Err(e) = hashed {
