@@ -345,6 +345,21 @@ mod tests {
         }
     }
 
+    /// A write that fails in the background (here: the file handle is read-only, EBADF) is
+    /// the error of a later call, not lost.
+    #[test]
+    fn a_failed_write_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("part");
+        let mut sink = Sink::create(&path, true, ALIGN).expect("create");
+        sink.file = File::open(&path).expect("open");
+        let e = sink
+            .write_all(&[7; 3 * ALIGN])
+            .and_then(|()| sink.park())
+            .expect_err("a failed write went unreported");
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+    }
+
     #[test]
     fn a_refused_direct_write_goes_on_buffered() {
         let dir = tempfile::tempdir().expect("tempdir");

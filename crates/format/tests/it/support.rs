@@ -42,9 +42,12 @@ pub fn input(blobs: Vec<Vec<u8>>) -> BundleInput {
     }
 }
 
-/// A typical mix: small, compressible, incompressible, exactly-chunk-sized, multi-frame.
+/// A typical mix: small, compressible, incompressible, exactly-chunk-sized, multi-frame, and
+/// a gzip-like blob (its frames after the first are stored, the last one with tar padding).
 pub fn mixed() -> BundleInput {
     let chunk = bundle_format::CHUNK as usize;
+    let mut gzip_like = noise(4, 2 * chunk + 300);
+    gzip_like[..2].copy_from_slice(&[0x1f, 0x8b]);
     input(vec![
         b"hello".to_vec(),
         Vec::new(),
@@ -52,6 +55,7 @@ pub fn mixed() -> BundleInput {
         noise(1, 3 * chunk + 17),
         noise(2, chunk - 512),
         noise(3, chunk),
+        gzip_like,
     ])
 }
 
