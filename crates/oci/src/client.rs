@@ -162,6 +162,9 @@ struct Inner {
     user_agent: HeaderValue,
     /// One async lock per (host, scope), held while a token is fetched.
     token_gates: Mutex<HashMap<(String, String), TokenGate>>,
+    /// Held while an insecure host's scheme is probed, so that the first calls of a push,
+    /// made together, probe it once between them.
+    probing: tokio::sync::Mutex<()>,
 }
 
 /// A request to send, rebuildable for retries.
@@ -237,6 +240,7 @@ impl Client {
                 stats: Mutex::new(Stats::default()),
                 user_agent: HeaderValue::from_static(concat!("bundle/", env!("CARGO_PKG_VERSION"))),
                 token_gates: Mutex::new(HashMap::new()),
+                probing: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -252,6 +256,7 @@ impl Client {
             stats: Mutex::new(Stats::default()),
             user_agent: self.inner.user_agent.clone(),
             token_gates: Mutex::new(HashMap::new()),
+            probing: tokio::sync::Mutex::new(()),
         };
         Client {
             inner: Arc::new(inner),
@@ -302,19 +307,19 @@ impl Client {
         if let Some(s) = self.host_state(host, |h| h.scheme) {
             return Ok(s);
         }
-        let scheme = if self.inner.tls.is_insecure(host) {
-            let probe = |scheme: &'static str| {
-                let uri = format!("{scheme}://{host}/v2/");
-                Request::get(uri).body(empty())
-            };
-            let https = match probe("https") {
-                Ok(req) => self.raw(req).await.is_ok(),
-                Err(_) => false,
-            };
-            if https { "https" } else { "http" }
-        } else {
-            "https"
+        if !self.inner.tls.is_insecure(host) {
+            self.host_state(host, |h| h.scheme = Some("https"));
+            return Ok("https");
+        }
+        let _probing = self.inner.probing.lock().await;
+        if let Some(s) = self.host_state(host, |h| h.scheme) {
+            return Ok(s);
+        }
+        let https = match Request::get(format!("https://{host}/v2/")).body(empty()) {
+            Ok(req) => self.raw(req).await.is_ok(),
+            Err(_) => false,
         };
+        let scheme = if https { "https" } else { "http" };
         self.host_state(host, |h| h.scheme = Some(scheme));
         Ok(scheme)
     }
@@ -815,5 +820,68 @@ mod redirect_tests {
         for code in [200, 206, 300, 304, 305, 400, 401, 404, 500] {
             assert!(!is_redirect(StatusCode::from_u16(code).unwrap()), "{code}");
         }
+    }
+}
+
+#[cfg(test)]
+mod scheme_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A registry over plain HTTP: a TLS attempt fails (after a moment, so that calls made
+    /// together overlap it), a plain request is answered 200.
+    struct PlainOnly {
+        tls_attempts: Arc<AtomicUsize>,
+    }
+
+    impl Transport for PlainOnly {
+        fn send(
+            &self,
+            req: Request<ReqBody>,
+        ) -> crate::transport::BoxFuture<
+            'static,
+            std::result::Result<Response<RespBody>, crate::BoxError>,
+        > {
+            let tls = req.uri().scheme_str() == Some("https");
+            let attempts = Arc::clone(&self.tls_attempts);
+            Box::pin(async move {
+                if tls {
+                    attempts.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    return Err("tls handshake: the server answered in plain HTTP".into());
+                }
+                let body = http_body_util::Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync();
+                Ok(Response::new(body))
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_made_together_probe_an_insecure_host_once() {
+        let tls_attempts = Arc::new(AtomicUsize::new(0));
+        let transport = Arc::new(PlainOnly {
+            tls_attempts: Arc::clone(&tls_attempts),
+        });
+        let tls = TlsOptions {
+            insecure: ["reg.example:5000".to_owned()].into(),
+            ..TlsOptions::default()
+        };
+        let client = Client::new(transport, CredentialStore::empty(), tls);
+        let calls = (0..8).map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.scheme("reg.example:5000").await })
+        });
+        for s in futures_util::future::join_all(calls).await {
+            assert_eq!(s.expect("task").expect("scheme"), "http");
+        }
+        assert_eq!(tls_attempts.load(Ordering::SeqCst), 1);
+        // A host not named insecure is https without a probe.
+        assert_eq!(
+            client.scheme("other.example").await.expect("scheme"),
+            "https"
+        );
+        assert_eq!(tls_attempts.load(Ordering::SeqCst), 1);
     }
 }
