@@ -558,19 +558,19 @@ pub async fn push(
     archive: Arc<Archive>,
     opts: &PushOptions,
 ) -> Result<PushReport> {
-    let mut plans = Vec::new();
+    let mut plans: Vec<Arc<ImagePlan>> = Vec::new();
     for img in &archive.index().images {
         if !opts.images.is_empty() && !opts.images.iter().any(|n| n == &img.name) {
             continue;
         }
         let target = opts.target.map(&img.name)?;
-        plans.push(plan_image(
+        plans.push(Arc::new(plan_image(
             &archive,
             &img.name,
             target,
             img.digest,
             &img.media_type,
-        )?);
+        )?));
     }
     // Images go up in parallel: two that land on one reference would race for it.
     if let Some(e) = shared_target(plans.iter().map(|p| (p.name.as_str(), &p.target, &p.root))) {
@@ -614,6 +614,25 @@ pub async fn push(
         verify: opts.verify,
     });
     let mut tasks = tokio::task::JoinSet::new();
+    // Each image's manifests go up as soon as the last of its blobs is in, while other
+    // images' blobs still go.
+    let mut waiting: Vec<usize> = plans.iter().map(|p| p.blobs.len()).collect();
+    let mut images_of: BTreeMap<Digest, Vec<usize>> = BTreeMap::new();
+    for (i, p) in plans.iter().enumerate() {
+        for d in &p.blobs {
+            images_of.entry(*d).or_default().push(i);
+        }
+    }
+    let mut manifests = tokio::task::JoinSet::new();
+    let mut put = |i: usize| {
+        let (client, archive, plan) = (client.clone(), Arc::clone(&archive), Arc::clone(&plans[i]));
+        manifests.spawn(async move { put_manifests(&client, &archive, &plan).await });
+    };
+    for (i, n) in waiting.iter().enumerate() {
+        if *n == 0 {
+            put(i);
+        }
+    }
     // Largest blobs first, so the long uploads start early.
     let mut order: Vec<(Digest, Vec<Repo>)> = by_blob.into_iter().collect();
     order.sort_by_key(|(d, _)| std::cmp::Reverse(archive.index().blob(d).map_or(0, |b| b.size)));
@@ -632,12 +651,19 @@ pub async fn push(
             for r in &repos[1..] {
                 outcomes.push(push_blob(&up, r, digest, Some(&first.name)).await?);
             }
-            Ok::<_, Error>(outcomes)
+            Ok::<_, Error>((digest, outcomes))
         });
     }
     let mut report = PushReport::default();
     while let Some(joined) = tasks.join_next().await {
-        let outcomes = joined.map_err(|e| Error::Invalid(format!("upload task failed: {e}")))??;
+        let (digest, outcomes) =
+            joined.map_err(|e| Error::Invalid(format!("upload task failed: {e}")))??;
+        for &i in images_of.get(&digest).into_iter().flatten() {
+            waiting[i] -= 1;
+            if waiting[i] == 0 {
+                put(i);
+            }
+        }
         for o in outcomes {
             match o {
                 Outcome::Skipped => report.skipped += 1,
@@ -647,8 +673,9 @@ pub async fn push(
         }
     }
     // Images in parallel; within one, children before the index that names them.
-    let puts = plans.iter().map(|p| put_manifests(client, &archive, p));
-    for (put, present) in futures_util::future::try_join_all(puts).await? {
+    while let Some(joined) = manifests.join_next().await {
+        let (put, present) =
+            joined.map_err(|e| Error::Invalid(format!("manifest task failed: {e}")))??;
         report.manifests += put;
         report.manifests_present += present;
     }
