@@ -168,8 +168,9 @@ pub struct PushReport {
     pub mounted: u64,
     /// Content bytes sent (resent bytes included).
     pub bytes_sent: u64,
-    /// Of those, bytes the kernel sent straight from the archive file (sendfile over plain
-    /// HTTP; the stored frames of already compressed blobs).
+    /// Of those, bytes sent straight from the archive file as they lie there (over plain
+    /// HTTP: the stored frames of already compressed blobs, by sendfile(2) to a remote
+    /// registry, read and written to one on this machine).
     pub bytes_from_files: u64,
     /// Manifests and indexes put.
     pub manifests: u64,

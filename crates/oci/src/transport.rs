@@ -342,8 +342,8 @@ impl Transport for Direct {
         })
     }
 
-    /// Plain-HTTP requests send file pieces with sendfile(2), on a connection of their own,
-    /// unless they go through a proxy.
+    /// Plain-HTTP requests send file pieces themselves (sendfile(2), see `sendfile.rs`), on a
+    /// connection of their own, unless they go through a proxy.
     fn sends_files(&self, url: &str) -> bool {
         url.starts_with("http://")
             && url
