@@ -105,6 +105,8 @@ pub(crate) async fn send_with(
     // (a refusal) and closed, and its answer, if it came, says more than the broken pipe.
     let mut write_failed = stream.write_all(&head).await.err();
     let mut sent = 0u64;
+    // The buffer of copied ranges, made once per request.
+    let mut buf = Vec::new();
     while write_failed.is_none() {
         let Some(piece) = pieces.recv().await else {
             break;
@@ -116,9 +118,12 @@ pub(crate) async fn send_with(
         }
         let written = match piece {
             Piece::Bytes(b) => stream.write_all(&b).await,
-            Piece::File { file, path, ranges } => send_ranges(&mut stream, &file, &ranges, copy)
-                .await
-                .map_err(|e| err(format!("{}: {e}", path.display())))?,
+            Piece::File { file, path, ranges } => {
+                let buf = copy.then_some(&mut buf);
+                send_ranges(&mut stream, &file, &ranges, buf)
+                    .await
+                    .map_err(|e| err(format!("{}: {e}", path.display())))?
+            }
         };
         if let Err(e) = written {
             write_failed = Some(e);
@@ -137,16 +142,17 @@ pub(crate) async fn send_with(
     }
 }
 
-/// Sends file ranges (by sendfile, or with `copy` read and written): `Err` for a file that
-/// ends early or cannot be read (the body's fault), `Ok(Err)` for a socket that fails.
+/// Sends file ranges (by sendfile, or with a `copy` buffer read and written): `Err` for a
+/// file that ends early or cannot be read (the body's fault), `Ok(Err)` for a socket that
+/// fails.
 async fn send_ranges(
     stream: &mut TcpStream,
     file: &std::fs::File,
     ranges: &[(u64, u64)],
-    copy: bool,
+    copy: Option<&mut Vec<u8>>,
 ) -> Result<io::Result<()>, io::Error> {
-    if copy {
-        return copy_ranges(stream, file, ranges).await;
+    if let Some(buf) = copy {
+        return copy_ranges(stream, file, ranges, buf).await;
     }
     for &(off, n) in ranges {
         match send_file(stream, file, off, n).await {
@@ -167,36 +173,51 @@ async fn send_ranges(
     Ok(Ok(()))
 }
 
-/// Reads file ranges and writes them to the socket, at most 1 MiB at a time; errors as
-/// [`send_ranges`].
+/// Reads file ranges into `buf` (grown to at most [`COPY_BUF`] once, then reused) and writes
+/// it to the socket whenever it is full and at the end; errors as [`send_ranges`].
 async fn copy_ranges(
     stream: &mut TcpStream,
     file: &std::fs::File,
     ranges: &[(u64, u64)],
+    buf: &mut Vec<u8>,
 ) -> Result<io::Result<()>, io::Error> {
     use std::os::unix::fs::FileExt as _;
     let total: u64 = ranges.iter().map(|r| r.1).sum();
-    let mut buf = vec![0u8; total.min(1 << 20) as usize];
+    let size = total.min(COPY_BUF as u64) as usize;
+    if buf.len() < size {
+        buf.resize(size, 0);
+    }
+    let mut filled = 0;
     for &(off, n) in ranges {
         let end = off + n;
         let mut at = off;
         while at < end {
-            let want = (end - at).min(buf.len() as u64) as usize;
-            let got = file.read_at(&mut buf[..want], at)?;
+            if filled == size {
+                if let Err(e) = stream.write_all(&buf[..filled]).await {
+                    return Ok(Err(e));
+                }
+                filled = 0;
+            }
+            let want = ((end - at) as usize).min(size - filled);
+            let got = file.read_at(&mut buf[filled..filled + want], at)?;
             if got == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("the file ends before byte {end}"),
                 ));
             }
-            if let Err(e) = stream.write_all(&buf[..got]).await {
-                return Ok(Err(e));
-            }
+            filled += got;
             at += got as u64;
         }
     }
+    if let Err(e) = stream.write_all(&buf[..filled]).await {
+        return Ok(Err(e));
+    }
     Ok(Ok(()))
 }
+
+/// Largest buffer of copied ranges: a frame.
+const COPY_BUF: usize = 1 << 20;
 
 /// The request line and headers: the request's own, then `Host`, `Content-Length` and
 /// `Connection: close` in place of any it had.
