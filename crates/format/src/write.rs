@@ -329,8 +329,8 @@ enum FrameData {
     /// memory.
     Buffer(Vec<u8>, usize),
     /// A frame of nothing but file content, read straight from the page cache through a
-    /// mapping of just that range (no copy; unmapped when the frame is compressed, so the
-    /// pages never pile up in this process).
+    /// mapping of just that range (no copy; unmapped when the frame is compressed and its
+    /// content hashed, or a stored one written, so the pages never pile up in this process).
     Mapped(memmap2::Mmap),
 }
 
@@ -852,26 +852,37 @@ fn build_index(
 /// A compressed frame on its way to disk.
 struct Compressed {
     frame: u32,
-    /// The compressed frame; empty for a stored one.
-    bytes: Vec<u8>,
-    /// A stored frame: its checksum. Its bytes are never gathered: they are hashed and
-    /// written piece by piece straight from `data` ([`stored::pieces`]).
-    stored: Option<u32>,
+    body: Body,
     /// The frame's digest; for a frame with blob content, computed by the writer thread.
     sha: Digest,
     dsize: u32,
-    /// The uncompressed frame, while something still needs it: the writer thread hashes its
-    /// blob content (`content`), and a stored frame is written from it.
-    data: Option<FrameData>,
+    /// The blob content in the frame, for the writer thread to hash.
     content: Option<ContentPart>,
+}
+
+/// A frame's bytes.
+enum Body {
+    /// Compressed, with the uncompressed input while its blob content is to be hashed.
+    Compressed(Vec<u8>, Option<FrameData>),
+    /// Stored: the content's checksum and the input. Its bytes are never gathered: they are
+    /// hashed and written piece by piece straight from the input ([`stored::pieces`]).
+    Stored(u32, FrameData),
 }
 
 impl Compressed {
     /// The frame's size in the archive.
     fn csize(&self) -> usize {
-        match self.stored {
-            Some(_) => stored::stored_len(self.dsize as usize),
-            None => self.bytes.len(),
+        match &self.body {
+            Body::Compressed(bytes, _) => bytes.len(),
+            Body::Stored(..) => stored::stored_len(self.dsize as usize),
+        }
+    }
+
+    /// The uncompressed input, if still held.
+    fn input(&self) -> Option<&FrameData> {
+        match &self.body {
+            Body::Compressed(_, input) => input.as_ref(),
+            Body::Stored(_, input) => Some(input),
         }
     }
 
@@ -880,18 +891,16 @@ impl Compressed {
         &self,
         mut f: impl FnMut(&[u8]) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
-        match (self.stored, &self.data) {
-            (Some(sum), Some(data)) => stored::pieces(data.bytes(), sum, f),
-            // A stored frame keeps its data until written: not reached.
-            (Some(sum), None) => stored::pieces(&[], sum, f),
-            (None, _) => f(&self.bytes),
+        match &self.body {
+            Body::Compressed(bytes, _) => f(bytes),
+            Body::Stored(sum, input) => stored::pieces(input.bytes(), *sum, f),
         }
     }
 
     /// The frame's sha256, for a frame without blob content.
     fn digest(&self) -> Digest {
-        if self.stored.is_none() {
-            return Digest::of(&self.bytes);
+        if let Body::Compressed(bytes, _) = &self.body {
+            return Digest::of(bytes);
         }
         let mut h = crate::Hasher::new();
         let done: std::result::Result<(), std::convert::Infallible> = self.pieces(|p| {
@@ -902,12 +911,26 @@ impl Compressed {
         h.finish()
     }
 
+    /// Hands a compressed frame's input back to `inputs` once its content is hashed (a
+    /// stored frame keeps its input: it is written from it).
+    fn drop_input(&mut self, inputs: &Pool) {
+        if let Body::Compressed(_, input) = &mut self.body
+            && let Some(FrameData::Buffer(buf, _)) = input.take()
+        {
+            inputs.give(buf);
+        }
+    }
+
     /// Hands the buffers back: the compressed bytes to `outputs`, the input to `inputs`.
     fn recycle(self, inputs: &Pool, outputs: &Pool) {
-        if self.bytes.capacity() > 0 {
-            outputs.give(self.bytes);
-        }
-        if let Some(FrameData::Buffer(buf, _)) = self.data {
+        let input = match self.body {
+            Body::Compressed(bytes, input) => {
+                outputs.give(bytes);
+                input
+            }
+            Body::Stored(_, input) => Some(input),
+        };
+        if let Some(FrameData::Buffer(buf, _)) = input {
             inputs.give(buf);
         }
     }
@@ -1031,28 +1054,27 @@ fn compress_jobs(
             let dsize = data.len() as u32;
             // A stored frame is only its checksum here; the writer threads take its bytes
             // straight from the input.
-            let (res, bytes, stored) = if job.stored {
-                (Ok(()), Vec::new(), Some(stored::checksum(data)))
+            let body = if job.stored {
+                Ok(Body::Stored(stored::checksum(data), job.data))
             } else {
                 let mut bytes = outputs.take(0);
-                (compress(data, level, job.frame, &mut bytes), bytes, None)
+                compress(data, level, job.frame, &mut bytes).map(|()| {
+                    let input = match job.data {
+                        d if job.content.is_some() => Some(d),
+                        FrameData::Buffer(buf, _) => {
+                            inputs.give(buf);
+                            None
+                        }
+                        FrameData::Mapped(_) => None,
+                    };
+                    Body::Compressed(bytes, input)
+                })
             };
-            let keep = job.content.is_some() || stored.is_some();
-            let data = match job.data {
-                d if keep => Some(d),
-                FrameData::Buffer(buf, _) => {
-                    inputs.give(buf);
-                    None
-                }
-                FrameData::Mapped(_) => None,
-            };
-            res.map(|()| Compressed {
+            body.map(|body| Compressed {
                 frame: job.frame,
-                bytes,
-                stored,
+                body,
                 sha: Digest::from_bytes([0; 32]),
                 dsize,
-                data,
                 content: job.content,
             })
         })
@@ -1063,8 +1085,8 @@ fn compress_jobs(
         .filter(|c| c.content.is_none())
         .collect();
     match alone.as_mut_slice() {
-        [a, b] if a.stored.is_none() && b.stored.is_none() => {
-            (a.sha, b.sha) = Digest::of_pair(&a.bytes, &b.bytes)
+        [a, b] if let (Body::Compressed(x, _), Body::Compressed(y, _)) = (&a.body, &b.body) => {
+            (a.sha, b.sha) = Digest::of_pair(x, y)
         }
         slice => {
             for c in slice {
@@ -1088,7 +1110,7 @@ fn hash_content(
         *blob = Sha::new();
     }
     let mut frame = Sha::new();
-    let data = c.data.as_ref().map(FrameData::bytes).unwrap_or_default();
+    let data = c.input().map(FrameData::bytes).unwrap_or_default();
     let mut content = data.get(part.range).unwrap_or_default();
     // The frame's pieces, each beside as much content as it is long.
     let done: std::result::Result<(), std::convert::Infallible> = c.pieces(|p| {
@@ -1190,12 +1212,7 @@ fn pipeline(
                         next += 1;
                         if let Some(part) = c.content.take() {
                             let hashed = hash_content(&mut c, part, &mut blob, members, arrivals);
-                            // Only a stored frame's writing needs its input now.
-                            if c.stored.is_none()
-                                && let Some(FrameData::Buffer(buf, _)) = c.data.take()
-                            {
-                                inputs.give(buf);
-                            }
+                            c.drop_input(&inputs);
                             if let Err(e) = hashed {
                                 result = Err(e);
                                 break 'recv;
