@@ -40,9 +40,9 @@ pub(crate) enum Ranges {
     /// sendfile(2), unless the registry is on this machine (a loopback address): then read
     /// and written. Over loopback no device reads the pages: the registry's own receive copies
     /// them, and an archive page lent to the socket costs it more than a buffer just written
-    /// (reference counts taken on one core and dropped on the other): on the bench set its
-    /// CPU was 3.87 s against 4.16 s with sendfile, over 12 alternated pushes, and ours 0.19
-    /// against 0.21 s.
+    /// (measured, not explained; page references taken by one side and dropped by the other
+    /// are a likely part): on the bench set its CPU was 3.87 s against 4.16 s with sendfile,
+    /// over 12 alternated pushes, and ours 0.19 against 0.21 s.
     Auto,
     /// Always sendfile(2) (tests: their registry is on loopback).
     #[cfg(test)]
