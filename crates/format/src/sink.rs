@@ -82,23 +82,18 @@ impl Background {
         })
     }
 
-    /// Waits for the stage being written, if any: the stage back, with the write's outcome.
-    fn settle(&mut self) -> Option<(Handed, io::Result<()>)> {
+    /// Waits for the stage being written, if any: the stage back, with the write's outcome
+    /// (an error if the thread is gone without answering).
+    fn settle(&mut self) -> io::Result<Option<(Handed, io::Result<()>)>> {
         if !self.busy {
-            return None;
+            return Ok(None);
         }
         self.busy = false;
-        match self.rx.recv() {
-            Ok(back) => Some(back),
-            Err(_) => Some((
-                Handed {
-                    buf: Vec::new(),
-                    range: 0..0,
-                    at: 0,
-                },
-                Err(io::Error::other("the archive's writer thread stopped")),
-            )),
-        }
+        let back = self
+            .rx
+            .recv()
+            .map_err(|_| io::Error::other("the archive's writer thread stopped"))?;
+        Ok(Some(back))
     }
 }
 
@@ -208,7 +203,7 @@ impl Sink {
     /// A refused direct write is done again through the page cache, and the file is buffered
     /// from then on.
     fn settle(&mut self) -> io::Result<Option<Vec<u8>>> {
-        let Some((h, res)) = self.io.as_mut().and_then(Background::settle) else {
+        let Some((h, res)) = self.io.as_mut().map_or(Ok(None), Background::settle)? else {
             return Ok(None);
         };
         match res {
