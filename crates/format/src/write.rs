@@ -897,17 +897,22 @@ impl Compressed {
         }
     }
 
+    /// [`Compressed::pieces`] for a consumer that cannot fail.
+    fn each_piece(&self, mut f: impl FnMut(&[u8])) {
+        let done: std::result::Result<(), std::convert::Infallible> = self.pieces(|p| {
+            f(p);
+            Ok(())
+        });
+        let Ok(()) = done;
+    }
+
     /// The frame's sha256, for a frame without blob content.
     fn digest(&self) -> Digest {
         if let Body::Compressed(bytes, _) = &self.body {
             return Digest::of(bytes);
         }
         let mut h = crate::Hasher::new();
-        let done: std::result::Result<(), std::convert::Infallible> = self.pieces(|p| {
-            h.update(p);
-            Ok(())
-        });
-        let Ok(()) = done;
+        self.each_piece(|p| h.update(p));
         h.finish()
     }
 
@@ -1113,13 +1118,11 @@ fn hash_content(
     let data = c.input().map(FrameData::bytes).unwrap_or_default();
     let mut content = data.get(part.range).unwrap_or_default();
     // The frame's pieces, each beside as much content as it is long.
-    let done: std::result::Result<(), std::convert::Infallible> = c.pieces(|p| {
+    c.each_piece(|p| {
         let (now, later) = content.split_at(p.len().min(content.len()));
         update_pair(&mut frame, p, blob, now);
         content = later;
-        Ok(())
     });
-    let Ok(()) = done;
     update_pair(&mut frame, &[], blob, content);
     c.sha = Digest::from_bytes(frame.finish());
     if let Some((member, staged)) = part.last {
