@@ -4,7 +4,7 @@
 //! request, large ones in chunks that resume from the registry's offset after a failure.
 //! Manifests follow their blobs, children before the index that names them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use bundle_format::{Archive, Digest};
 
@@ -514,6 +514,17 @@ async fn push_blob(
     }
 }
 
+/// Puts one blob into the first of `repos` (upload), then mounts it into the others.
+async fn push_everywhere(up: &Uploader, digest: Digest, repos: &[Repo]) -> Result<Vec<Outcome>> {
+    let first = &repos[0];
+    let pushed = push_blob(up, first, digest, None).await;
+    let mut outcomes = vec![pushed.map_err(|e| damaged_frame(up, &digest, e))?];
+    for r in &repos[1..] {
+        outcomes.push(push_blob(up, r, digest, Some(&first.name)).await?);
+    }
+    Ok(outcomes)
+}
+
 /// When the registry refused a blob's content (a 400: its digest did not match what arrived)
 /// and frames were not hashed on the way, hashes the blob's frames: a damaged one is the error
 /// to report, named. Otherwise the registry's error stands.
@@ -604,7 +615,6 @@ pub async fn push(
     }
     let sent = Arc::new(AtomicU64::new(0));
     let from_files = Arc::new(AtomicU64::new(0));
-    let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
     let up = Arc::new(Uploader {
         client: client.clone(),
         archive: Arc::clone(&archive),
@@ -614,7 +624,6 @@ pub async fn push(
         pool: Arc::new(Pool::new(opts.jobs.max(1) * BUFFERS_PER_JOB)),
         verify: opts.verify,
     });
-    let mut tasks = tokio::task::JoinSet::new();
     // Each image's manifests go up as soon as the last of its blobs is in, while other
     // images' blobs still go.
     let mut waiting: Vec<usize> = plans.iter().map(|p| p.blobs.len()).collect();
@@ -634,31 +643,43 @@ pub async fn push(
             put(i);
         }
     }
-    // Largest blobs first, so the long uploads start early.
+    // Largest blobs first, so that the long uploads start early and the last ones to finish
+    // are short. `jobs` workers take them from one queue in this order: tasks waiting on a
+    // semaphore would take them in the order the runtime first polls them, which on a
+    // multi-threaded runtime is not the order they were spawned in (the largest blobs could
+    // start last, and run alone at the end).
     let mut order: Vec<(Digest, Vec<Repo>)> = by_blob.into_iter().collect();
     order.sort_by_key(|(d, _)| std::cmp::Reverse(archive.index().blob(d).map_or(0, |b| b.size)));
-    for (digest, repos) in order {
-        let up = Arc::clone(&up);
-        let sem = Arc::clone(&sem);
+    let workers = opts.jobs.max(1).min(order.len());
+    let queue = Arc::new(std::sync::Mutex::new(VecDeque::from(order)));
+    let (done_tx, mut done) = mpsc::unbounded_channel::<Result<(Digest, Vec<Outcome>)>>();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (up, queue, done_tx) = (Arc::clone(&up), Arc::clone(&queue), done_tx.clone());
         tasks.spawn(async move {
-            let _permit = sem
-                .acquire_owned()
-                .await
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-            let mut outcomes = Vec::new();
-            let first = &repos[0];
-            let pushed = push_blob(&up, first, digest, None).await;
-            outcomes.push(pushed.map_err(|e| damaged_frame(&up, &digest, e))?);
-            for r in &repos[1..] {
-                outcomes.push(push_blob(&up, r, digest, Some(&first.name)).await?);
+            loop {
+                let next = queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .pop_front();
+                let Some((digest, repos)) = next else {
+                    return;
+                };
+                let pushed = push_everywhere(&up, digest, &repos).await;
+                let failed = pushed.is_err();
+                // A closed channel: the push has failed and is being torn down.
+                if done_tx.send(pushed.map(|o| (digest, o))).is_err() || failed {
+                    return;
+                }
             }
-            Ok::<_, Error>((digest, outcomes))
         });
     }
+    drop(done_tx);
     let mut report = PushReport::default();
-    while let Some(joined) = tasks.join_next().await {
-        let (digest, outcomes) =
-            joined.map_err(|e| Error::Invalid(format!("upload task failed: {e}")))??;
+    // Ends when every worker has ended (each holds a sender); the first error ends the push,
+    // and dropping `tasks` stops the other workers.
+    while let Some(pushed) = done.recv().await {
+        let (digest, outcomes) = pushed?;
         for &i in images_of.get(&digest).into_iter().flatten() {
             waiting[i] -= 1;
             if waiting[i] == 0 {
@@ -672,6 +693,10 @@ pub async fn push(
                 Outcome::Uploaded => report.uploaded += 1,
             }
         }
+    }
+    // A worker that panicked left its blob unreported.
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(|e| Error::Invalid(format!("upload task failed: {e}")))?;
     }
     // Images in parallel; within one, children before the index that names them.
     while let Some(joined) = manifests.join_next().await {

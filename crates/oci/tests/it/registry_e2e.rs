@@ -130,8 +130,15 @@ fn big_archive(dir: &Path, layers: usize, size: usize) -> Arc<Archive> {
 /// [`big_archive`]; with `gzip_magic`, each layer starts with `1f 8b`, so that its frames after
 /// the first are stored (spec/format-v1.md section 4).
 fn big_archive_of(dir: &Path, layers: usize, size: usize, gzip_magic: bool) -> Arc<Archive> {
-    let mut blobs: Vec<BlobInput> = (0..layers)
-        .map(|i| {
+    big_archive_sized(dir, &vec![size; layers], gzip_magic)
+}
+
+/// [`big_archive_of`], with a layer of each of `sizes`.
+fn big_archive_sized(dir: &Path, sizes: &[usize], gzip_magic: bool) -> Arc<Archive> {
+    let mut blobs: Vec<BlobInput> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
             let mut noise = bundle_testimages::noise(i as u64 + 1, size);
             if gzip_magic {
                 noise[..2].copy_from_slice(&[0x1f, 0x8b]);
@@ -493,6 +500,37 @@ fn faults_from_a_proxy_do_not_stop_push_or_pull() {
     for b in &archive.index().blobs {
         assert!(cache.has(&b.digest, b.size), "{} not cached", b.digest);
     }
+}
+
+#[test]
+fn blobs_go_up_largest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    // 24 sizes listed out of order (7 is coprime to 24); one upload at a time shows the order
+    // they are taken in.
+    let sizes: Vec<usize> = (0..24).map(|i| (1 + i * 7 % 24) << 16).collect();
+    let archive = big_archive_sized(dir.path(), &sizes, false);
+    let reg = Registry::start(Mode::Plain);
+    let proxy = FaultProxy::start(&reg.host(), Vec::new());
+    let host = proxy.host();
+    let c = client(&reg, &host, None);
+    let report = push_all(&rt(), &c, &archive, &opts(&host, 1 << 20, 1)).unwrap();
+    assert_eq!(report.uploaded, sizes.len() as u64 + 1, "{report:?}");
+    // Each blob's first request is the HEAD asking whether the registry has it.
+    let started: Vec<u64> = proxy
+        .log()
+        .iter()
+        .filter(|l| l.starts_with("HEAD ") && l.contains("/blobs/sha256:"))
+        .map(|l| {
+            let hex = l.split("/blobs/sha256:").nth(1).unwrap();
+            let d: Digest = format!("sha256:{}", &hex[..64]).parse().unwrap();
+            archive.index().blob(&d).unwrap().size
+        })
+        .collect();
+    assert_eq!(started.len(), sizes.len() + 1, "{:#?}", proxy.log());
+    assert!(
+        started.is_sorted_by(|a, b| a >= b),
+        "blobs were started in this order of sizes: {started:?}"
+    );
 }
 
 #[test]
