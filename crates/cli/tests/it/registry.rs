@@ -142,3 +142,121 @@ fn push_then_create_from_the_registry_with_a_lock() {
     );
     assert!(!pull_dir.join("d.bundle").exists());
 }
+
+/// Credentials the way people have them, against the real registry behind TLS and htpasswd:
+/// none at all is named as such; `DOCKER_CONFIG`'s `credsStore` helper serves `bundle push`; a
+/// `credHelpers` entry wins over a wrong `auths` entry for `bundle create`; the wrong `auths`
+/// entry alone is refused, named.
+#[test]
+fn credentials_come_from_docker_config_and_its_helpers() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let yaml = support::small_set(&dir.join("images"));
+    let archive = dir.join("demo.bundle");
+    support::create(&yaml, &archive, &[]);
+    let reg = Registry::start(Mode::TlsBasicAuth);
+    let host = reg.host();
+    let (user, pass) = reg.credentials().unwrap();
+    let ca = reg.ca_file().unwrap();
+
+    // A credential helper on PATH that logs what it is asked and knows this registry only.
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let log = dir.join("helper.log");
+    let helper = bin.join("docker-credential-bundletest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread -r server\necho \"$1 $server\" >> '{}'\n\
+             if [ \"$1\" = get ] && [ \"$server\" = '{host}' ]; then\n  \
+             echo '{{\"ServerURL\":\"{host}\",\"Username\":\"{user}\",\"Secret\":\"{pass}\"}}'\n\
+             else\n  echo 'credentials not found in native keychain'; exit 1\nfi\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let home = dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let config = |name: &str, json: String| {
+        let d = dir.join(name);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("config.json"), json).unwrap();
+        d
+    };
+    // `bundle SUB...` with an empty HOME, the helper on PATH and `docker_config`, if any.
+    let bundle = |docker_config: Option<&std::path::Path>| {
+        let mut c = support::bundle();
+        c.env("HOME", &home).env("PATH", &path);
+        match docker_config {
+            Some(d) => c.env("DOCKER_CONFIG", d),
+            None => c.env_remove("DOCKER_CONFIG"),
+        };
+        c
+    };
+    let push = |docker_config| {
+        let mut c = bundle(docker_config);
+        c.arg("push")
+            .arg(&archive)
+            .args(["--registry", &host, "--registry-ca"])
+            .arg(&ca);
+        c
+    };
+
+    let e = fails(push(None));
+    assert!(e.contains(&host) && e.contains("no credentials"), "{e}");
+
+    let store = config("store", r#"{"credsStore":"bundletest"}"#.to_owned());
+    let out = ok(push(Some(&store)));
+    assert!(out.contains("pushed 5 images"), "{out}");
+    let asked = std::fs::read_to_string(&log).unwrap();
+    assert!(asked.contains(&format!("get {host}")), "{asked}");
+    reg.inspect_raw("team/app:1.0").unwrap();
+
+    let pull_yaml = dir.join("pull.yaml");
+    std::fs::write(
+        &pull_yaml,
+        format!("name: pulled\nversion: 1\nimages:\n  - name: {host}/team/app:1.0\n"),
+    )
+    .unwrap();
+    let create = |docker_config, out: &str| {
+        let mut c = bundle(Some(docker_config));
+        c.arg("create")
+            .arg(&pull_yaml)
+            .arg("-o")
+            .arg(dir.join(out))
+            .arg("--cache")
+            .arg(dir.join(format!("cache-{out}")))
+            .arg("--registry-ca")
+            .arg(&ca);
+        c
+    };
+    let wrong_auths = format!(r#""auths":{{"{host}":{{"username":"{user}","password":"wrong"}}}}"#);
+    let helpers = config(
+        "helpers",
+        format!(r#"{{{wrong_auths},"credHelpers":{{"{host}":"bundletest"}}}}"#),
+    );
+    ok(create(&helpers, "a.bundle"));
+    let raw = reg.inspect_raw("team/app:1.0").unwrap();
+    let pulled = support::inspect_json(&dir.join("a.bundle"));
+    assert_eq!(
+        pulled["images"][0]["digest"],
+        support::sha256(&raw).as_str()
+    );
+
+    let wrong = config("wrong", format!("{{{wrong_auths}}}"));
+    let e = fails(create(&wrong, "b.bundle"));
+    assert!(
+        e.contains(&host) && e.contains("team/app") && e.contains("authentication failed"),
+        "{e}"
+    );
+    assert!(!dir.join("b.bundle").exists());
+}
