@@ -141,6 +141,37 @@ fn push_then_create_from_the_registry_with_a_lock() {
         "{e}"
     );
     assert!(!pull_dir.join("d.bundle").exists());
+
+    // By digest (alone, and beside a tag): the bytes pushed under that digest, though the tag
+    // has moved since; a digest the registry does not hold is named.
+    let app = digest_of("registry.example/team/app:1.0");
+    std::fs::write(
+        &pull_yaml,
+        format!(
+            "name: pulled\nversion: 1\nimages:\n  - name: {host}/team/multi@{multi}\n  - name: {host}/team/app:1.0@{app}\n"
+        ),
+    )
+    .unwrap();
+    ok(create(&[], "e.bundle"));
+    let mut digests: Vec<String> = support::inspect_json(&pull_dir.join("e.bundle"))["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["digest"].as_str().unwrap().to_owned())
+        .collect();
+    digests.sort();
+    let mut want = vec![multi.clone(), app];
+    want.sort();
+    assert_eq!(digests, want);
+    let absent = format!("sha256:{}", "0".repeat(64));
+    std::fs::write(
+        &pull_yaml,
+        format!("name: pulled\nversion: 1\nimages:\n  - name: {host}/team/app@{absent}\n"),
+    )
+    .unwrap();
+    let e = fails(create(&[], "f.bundle"));
+    assert!(e.contains("team/app") && e.contains(&absent), "{e}");
+    assert!(!pull_dir.join("f.bundle").exists());
 }
 
 /// Credentials the way people have them, against the real registry behind TLS and htpasswd:
