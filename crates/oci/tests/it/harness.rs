@@ -880,6 +880,10 @@ pub enum Fault {
     /// [`FaultProxy::set_redirect`] gave (a [`BlobCdn`]), as registries send downloads to a
     /// CDN or an object store.
     Redirect,
+    /// Hold the request this many milliseconds, then forward it. The proxy counts the
+    /// requests it holds at once ([`FaultProxy::take_max_held`]): a client's requests that
+    /// overlap.
+    Hold(u64),
 }
 
 /// When a [`FaultProxy`] injects a [`Fault`]: on every `every`-th request whose request line
@@ -946,6 +950,9 @@ struct ProxyInner {
     requests: u64,
     faults: u64,
     log: Vec<String>,
+    /// Requests held now ([`Fault::Hold`]), and the most held at once.
+    held: u64,
+    max_held: u64,
 }
 
 impl FaultProxy {
@@ -960,6 +967,8 @@ impl FaultProxy {
                 requests: 0,
                 faults: 0,
                 log: Vec::new(),
+                held: 0,
+                max_held: 0,
             }),
             redirect_to: Mutex::new(None),
         });
@@ -1002,6 +1011,13 @@ impl FaultProxy {
     /// Faults injected.
     pub fn faults(&self) -> u64 {
         lock(&self.state.inner).faults
+    }
+
+    /// The most requests [`Fault::Hold`] held at once since the last call, and resets it.
+    /// Exact for a client that starts a connection's next request only after the answer to
+    /// its last: a request is let go before any byte of its answer is forwarded.
+    pub fn take_max_held(&self) -> u64 {
+        std::mem::take(&mut lock(&self.state.inner).max_held)
     }
 
     /// One line per request: its request line, and `-> FAULT` when one was injected.
@@ -1102,6 +1118,16 @@ impl ProxyState {
             client.write_all(&http_response(307, &[("Location", &location)], b""))?;
             client.shutdown(Shutdown::Write)?;
             return Ok(());
+        }
+
+        if let Some(Fault::Hold(ms)) = fault {
+            {
+                let mut inner = lock(&self.inner);
+                inner.held += 1;
+                inner.max_held = inner.max_held.max(inner.held);
+            }
+            thread::sleep(Duration::from_millis(ms));
+            lock(&self.inner).held -= 1;
         }
 
         let mut upstream = TcpStream::connect(&self.upstream)?;

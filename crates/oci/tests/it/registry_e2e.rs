@@ -546,6 +546,61 @@ fn blobs_go_up_largest_first() {
     }
 }
 
+/// Blob transfers overlap, and never more than `jobs` at once, in a push and in a pull: the
+/// proxy holds every blob request (HEAD, upload, download) a while and counts how many it holds
+/// together.
+#[test]
+fn blob_transfers_are_parallel_and_bounded_by_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = big_archive_of(dir.path(), 10, 64 << 10, false);
+    let rt = rt();
+    for jobs in [1, 3] {
+        let reg = Registry::start(Mode::Plain);
+        let proxy = FaultProxy::start(
+            &reg.host(),
+            vec![Rule::new(harness::Fault::Hold(40)).when("/blobs/")],
+        );
+        let host = proxy.host();
+        let c = client(&reg, &host, None);
+        let report = push_all(&rt, &c, &archive, &opts(&host, 1 << 20, jobs)).unwrap();
+        assert_eq!(report.uploaded, 11, "{report:?}");
+        let pushed = proxy.take_max_held();
+        let cache = BlobCache::open(&dir.path().join(format!("cache-{jobs}"))).unwrap();
+        let r: bundle_oci::Reference = format!("{host}/big/app:1").parse().unwrap();
+        rt.block_on(bundle_oci::pull::pull(
+            &c,
+            &cache,
+            "big/app:1",
+            &r,
+            &[],
+            jobs,
+        ))
+        .unwrap();
+        let pulled = proxy.take_max_held();
+        let log = proxy.log();
+        assert!(
+            log.iter()
+                .filter(|l| l.starts_with("GET ") && l.contains("/blobs/"))
+                .count()
+                >= 11,
+            "{log:#?}"
+        );
+        match jobs {
+            1 => assert_eq!((pushed, pulled), (1, 1), "jobs 1"),
+            _ => {
+                assert!(
+                    (2..=jobs as u64).contains(&pushed),
+                    "push: {pushed} at once with --jobs {jobs}"
+                );
+                assert!(
+                    (2..=jobs as u64).contains(&pulled),
+                    "pull: {pulled} at once with --jobs {jobs}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn registry_killed_mid_push_then_rerun_skips_what_arrived() {
     let dir = tempfile::tempdir().unwrap();
