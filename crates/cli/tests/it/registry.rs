@@ -8,8 +8,29 @@ pub(crate) mod harness;
 
 use harness::{Mode, Registry};
 
+/// `bundle push` of `archive` to `reg`, run with an empty working directory, HOME and TMPDIR
+/// (below the archive's directory), which must stay empty, as must the archive's directory
+/// apart from them: a push streams from the archive and writes no file anywhere.
 fn push(archive: &std::path::Path, reg: &Registry, extra: &[&str]) -> String {
+    let parent = archive.parent().unwrap();
+    let listing = |d: &std::path::Path| {
+        let mut names: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let scratch = tempfile::tempdir_in(parent).unwrap();
+    let dirs = ["cwd", "home", "tmp"].map(|n| scratch.path().join(n));
+    for d in &dirs {
+        std::fs::create_dir(d).unwrap();
+    }
+    let before = listing(parent);
     let mut c = support::bundle();
+    c.current_dir(&dirs[0])
+        .env("HOME", &dirs[1])
+        .env("TMPDIR", &dirs[2]);
     c.arg("push")
         .arg(archive)
         .args([
@@ -19,7 +40,12 @@ fn push(archive: &std::path::Path, reg: &Registry, extra: &[&str]) -> String {
             &reg.host(),
         ])
         .args(extra);
-    ok(c)
+    let out = ok(c);
+    for d in &dirs {
+        assert!(listing(d).is_empty(), "push wrote into {}", d.display());
+    }
+    assert_eq!(listing(parent), before, "push wrote beside the archive");
+    out
 }
 
 #[test]
